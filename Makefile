@@ -1,0 +1,36 @@
+# Two commands matter: `make demo` (the main job on the embedded default) and `make test` (the whole suite).
+# Both create .venv if missing and install what they need; nothing else must be installed by hand.
+SHELL := /bin/bash
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+export HF_HUB_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: venv demo test bench lint clean
+
+venv: $(STAMP)
+
+# Reinstall whenever the requirements or the package metadata change.
+$(STAMP): requirements.txt setup.py package.xml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --disable-pip-version-check --no-cache-dir -r requirements.txt 2>&1 | grep -v "^WARNING: Location" || true
+	$(BIN)/pip install -q --disable-pip-version-check --no-deps -e . 2>&1 | grep -v "^WARNING: Location" || true
+	$(BIN)/python -c "import torch, transformers, rclpy, rosbags, infmllm_ros"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/python -m infmllm_ros.demo
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q test
+
+bench: $(STAMP)
+	$(BIN)/infmllm-bench all
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+clean:
+	rm -rf $(VENV) build install log .pytest_cache
