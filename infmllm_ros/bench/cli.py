@@ -1,0 +1,31 @@
+"""infmllm-bench: benchmarks of the bounded cache, the session and the embedded models.
+
+Each subcommand lives in its own module and is imported only when asked for (transformers takes seconds
+to import)."""
+
+import argparse
+import importlib
+import sys
+
+# subcommand -> (module with a main(argv) function, one-line help)
+COMMANDS = {
+    "cache-cost": ("infmllm_ros.bench.cache_cost", "per-chunk latency and KV bytes vs stream length, every policy"),
+}
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = argparse.ArgumentParser(prog="infmllm-bench", description=__doc__.splitlines()[0])
+    parser.add_argument("command", choices=sorted(COMMANDS) + ["all"], help="; ".join(
+        f"{name}: {text}" for name, (_, text) in sorted(COMMANDS.items())))
+    args, rest = parser.parse_known_args(argv)
+    names = sorted(COMMANDS) if args.command == "all" else [args.command]
+    rc = 0
+    for name in names:
+        module = importlib.import_module(COMMANDS[name][0])
+        rc = rc or (module.main(rest) or 0)
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())
