@@ -1,0 +1,10 @@
+"""Kernels of the bounded cache: Triton on CUDA, a torch reference with the same signature beside each.
+
+Triton modules are imported lazily (only on CUDA, or by the tests under TRITON_INTERPRET=1), so CPU installs need
+no Triton at all.
+"""
+
+from .compact import compact_rerotate_, compact_rerotate_ref
+from .window_scores import window_counts, window_scores, window_scores_ref
+
+__all__ = ["compact_rerotate_", "compact_rerotate_ref", "window_counts", "window_scores", "window_scores_ref"]

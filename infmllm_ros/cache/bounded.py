@@ -1,0 +1,198 @@
+"""BoundedCache: a transformers `Cache` whose layers keep at most `budget` tokens after each chunk.
+
+The session drives it explicitly (batch 1):
+
+    cache.begin_forward(position_ids, prefill=True)     # announce this forward's positions
+    model(..., position_ids=position_ids, cache=cache, use_cache=True, **cache.forward_kwargs())
+    cache.end_chunk()                                   # after a prefill chunk: scores -> eviction -> re-index
+
+The attention function (infmllm_ros.attention) finds the cache through the extra forward kwarg and hands it the
+retrieval-window scores of each layer.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers.cache_utils import Cache
+
+from ..kernels import window_scores
+from .config import CacheConfig
+from .layer import BoundedLayer
+from .policies import make_policy
+from .rope import head_dim_of, inv_freq_from_config, mrope_section_of, text_config_of
+
+FORWARD_KWARG = "bounded_cache"
+
+
+def _shape(text_config) -> tuple[int, int, int]:
+    layers = text_config.num_hidden_layers
+    heads = getattr(text_config, "num_key_value_heads", None) or text_config.num_attention_heads
+    return layers, heads, head_dim_of(text_config)
+
+
+class BoundedCache(Cache):
+    def __init__(self, config: CacheConfig, model_config, device="cpu", dtype=torch.float32):
+        text = text_config_of(model_config)
+        kinds = set(getattr(text, "layer_types", None) or ["full_attention"])
+        if kinds != {"full_attention"}:
+            raise ValueError(f"BoundedCache supports full-attention layers only, the model has {sorted(kinds)}")
+        self.config = config
+        self.policy = make_policy(config)
+        self.sections = mrope_section_of(text)  # None: 1-D RoPE; else Qwen2-VL M-RoPE (3 position rows)
+        self.rows = 3 if self.sections else 1
+        self.inv_freq = inv_freq_from_config(text, device)
+        device = torch.device(device)
+        n_layers, heads, head_dim = _shape(text)
+        need = self.kv_bytes_for(config, model_config, dtype)
+        if device.type == "cuda":
+            free, _total = torch.cuda.mem_get_info(device)
+            if need > free:
+                raise MemoryError(f"BoundedCache needs {need / 2**20:.1f} MiB of K/V buffers, {free / 2**20:.1f} free")
+        try:
+            layers = [
+                BoundedLayer(self, heads, head_dim, config.capacity, self.rows, device, dtype) for _ in range(n_layers)
+            ]
+        except (RuntimeError, MemoryError) as e:
+            raise MemoryError(f"BoundedCache: cannot allocate {need / 2**20:.1f} MiB of K/V buffers: {e}") from e
+        super().__init__(layers=layers)
+        self.reset()
+
+    # ---- sizes -------------------------------------------------------------------------------------------------
+    @staticmethod
+    def kv_bytes_for(config: CacheConfig, model_config, dtype=torch.float32) -> int:
+        """Bytes of the K and V buffers: 2 x layers x kv_heads x capacity x head_dim x itemsize."""
+        n_layers, heads, head_dim = _shape(text_config_of(model_config))
+        return 2 * n_layers * heads * config.capacity * head_dim * torch.empty((), dtype=dtype).element_size()
+
+    @property
+    def stored(self) -> int:
+        return self.layers[0].stored
+
+    @property
+    def seen(self) -> int:
+        return self.layers[0].seen
+
+    @property
+    def kv_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for layer in self.layers for t in (layer.keys, layer.values))
+
+    def stats(self) -> dict:
+        return {
+            "seen": self.seen, "stored": self.stored, "budget": self.config.budget, "capacity": self.config.capacity,
+            "kv_bytes": self.kv_bytes, "evictions": self.evictions, "next_position": self.next_position,
+            "policy": self.config.policy,
+        }  # fmt: skip
+
+    def reset(self) -> None:
+        for layer in self.layers:
+            layer.reset()
+        self.next_position = 0  # where the session's next chunk starts
+        self.chunks = 0  # prefill chunks fed so far
+        self.evictions = 0
+        self.decoded = 0  # tokens decoded since the last prefill
+        self.forward_id = -1
+        self.prefill = False
+        self._pending = None
+
+    # ---- one forward ---------------------------------------------------------------------------------------------
+    def forward_kwargs(self) -> dict:
+        """Extra kwargs for `model(...)`: they reach the registered attention function of every text layer."""
+        return {FORWARD_KWARG: self}
+
+    def begin_forward(self, position_ids: torch.Tensor, prefill: bool = True) -> None:
+        """Announce the next forward's positions: (q,), (1, q), (3, 1, q) / (3, q) for M-RoPE, or (4, 1, q)."""
+        pos = torch.as_tensor(position_ids).long()
+        if pos.dim() == 3:
+            pos = pos[:, 0]  # (rows, B=1, q) -> (rows, q)
+        pos = pos.reshape(-1, pos.shape[-1])
+        if pos.shape[0] == 4:
+            pos = pos[1:]  # Qwen2-VL's (text row + 3 M-RoPE rows)
+        if pos.shape[0] == 1 and self.rows == 3:
+            pos = pos.expand(3, -1)  # a text/decode token: same position in t, h, w
+        if pos.shape[0] != self.rows:
+            raise ValueError(f"position_ids with {pos.shape[0]} rows for a model with {self.rows} position row(s)")
+        q = pos.shape[1]
+        if prefill and q > self.config.max_chunk:
+            raise ValueError(f"prefill chunk of {q} tokens > max_chunk {self.config.max_chunk}")
+        self.decoded = 0 if prefill else self.decoded + q
+        if self.decoded > self.config.max_new_tokens:
+            raise ValueError(f"{self.decoded} tokens decoded since the last chunk > max_new_tokens "
+                             f"{self.config.max_new_tokens}")  # fmt: skip
+        self.chunks += int(prefill)
+        self.prefill = prefill
+        self.forward_id += 1
+        self._pending = pos
+        self.next_position = max(self.next_position, int(pos.max()) + 1)
+
+    def pending_positions(self, layer: BoundedLayer, q: int) -> torch.Tensor:
+        if self._pending is None or layer.forward_id == self.forward_id or self._pending.shape[1] != q:
+            raise RuntimeError(
+                "BoundedCache: call cache.begin_forward(position_ids, prefill=...) before every forward, with the "
+                f"forward's positions ({q} tokens)"
+            )
+        layer.forward_id = self.forward_id
+        return self._pending
+
+    def after_attention(self, layer_idx: int, query: torch.Tensor, key: torch.Tensor, scaling: float) -> None:
+        """Called by the attention function: hand this layer the scores its policy needs."""
+        mode = self.policy.scores
+        if mode == "window" and self.prefill:
+            w = min(self.config.window, query.shape[-2])
+            scores = window_scores(query[:, :, -w:], key, scaling, normalize=True)
+        elif mode == "every_step":
+            scores = window_scores(query, key, scaling, normalize=False)
+        else:
+            return
+        self.layers[layer_idx].record_scores(scores[0], mode)
+
+    # ---- eviction ------------------------------------------------------------------------------------------------
+    def end_chunk(self) -> None:
+        """After a prefill chunk's forward: evict to the budget (same count in every layer), then re-index."""
+        candidates = [layer.candidates(self.chunks) for layer in self.layers]
+        if self.policy.scores != "none" and any(la.scored != la.stored for la in self.layers):
+            raise RuntimeError(
+                f"policy {self.config.policy!r} has no attention scores for this chunk: install the attention "
+                "(infmllm_ros.attention.install(model)) and pass **cache.forward_kwargs() to the forward"
+            )
+        keeps = [self.policy.keep(c) for c in candidates]
+        if all(k is None for k in keeps):
+            return
+        reindex = self.config.positions == "reindex"
+        plans = [self._reindex(layer, keep) if reindex else torch.zeros_like(keep) for layer, keep in
+                 zip(self.layers, keeps, strict=True)]  # fmt: skip
+        if reindex:  # right-align every (layer, head) on the newest kept token
+            ends = [self.next_position - freed for _delta, freed in plans]
+            end = max(int(e.max()) for e in ends)
+            plans = [delta + (end - e)[:, None] for (delta, _f), e in zip(plans, ends, strict=True)]
+            self.next_position = end
+        for layer, keep, delta in zip(self.layers, keeps, plans, strict=True):
+            layer.compact(keep, delta, self.inv_freq if reindex else None)
+        self.evictions += 1
+
+    def _reindex(self, layer: BoundedLayer, keep: torch.Tensor):
+        """Squeeze out positions only evicted tokens covered. Each token spans [min row, max row] of its positions;
+        a position is freed when an evicted token covered it and no kept token does. Returns (delta [H, m] for the
+        kept tokens, freed count [H])."""
+        heads, n, end = keep.shape[0], layer.stored, self.next_position
+        pos = layer.pos[:, :n]
+        lo, hi = pos.min(-1).values, pos.max(-1).values  # [H, n]
+        kept = torch.zeros(heads, n, dtype=torch.bool, device=pos.device).scatter_(1, keep, True)
+
+        def covered(mask):
+            marks = torch.zeros(heads, end + 1, dtype=torch.long, device=pos.device)
+            marks.scatter_add_(1, lo, mask.long())
+            marks.scatter_add_(1, hi + 1, -mask.long())
+            return marks.cumsum(-1)[:, :end] > 0
+
+        freed = covered(~kept) & ~covered(kept)
+        shift = torch.cumsum(freed.long(), -1) - freed.long()  # freed positions before p
+        delta = -shift.gather(1, lo.gather(1, keep))
+        return delta, freed.sum(-1)
+
+    def kept_positions(self, row: int = 0) -> torch.Tensor:
+        """[layers, H, stored] positions (one row) of the stored tokens; in absolute mode, their stream positions."""
+        return torch.stack([layer.pos[:, : layer.stored, row] for layer in self.layers])
+
+    def kept_indices(self) -> torch.Tensor:
+        """[layers, H, stored] stream indices (0 = first token fed) of the stored tokens."""
+        return torch.stack([layer.index[:, : layer.stored] for layer in self.layers])
