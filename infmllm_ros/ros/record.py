@@ -1,0 +1,195 @@
+"""infmllm-record: record live topics into a rosbag2 bag (the `ros2 bag record` this project needs).
+
+Subscriptions take raw CDR bytes (raw=True) and write them unchanged, stamped with the receive time of the node
+clock (system time, or /clock with --use-sim-time). Topic types come from the graph, or are given as TOPIC:TYPE.
+SIGINT / SIGTERM, --duration and --max-messages stop it cleanly: what was already received is taken from the
+queues and written, and the bag is closed (metadata.yaml written), so it is valid after Ctrl-C.
+Exit status: 0 recorded, 1 bad arguments or output, 2 topics not found in time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import time
+from pathlib import Path
+
+from infmllm_ros.ros import bag
+from infmllm_ros.ros.replay import QOS_CHOICES, qos_profile, split_ros_args
+
+
+def parse_topic(spec: str) -> tuple[str, str | None]:
+    """'/image' -> ('/image', None); '/image:sensor_msgs/msg/Image' -> ('/image', 'sensor_msgs/msg/Image')."""
+    topic, _, msgtype = spec.partition(":")
+    if not topic:
+        raise bag.BagError(f"bad topic {spec!r}: expected TOPIC or TOPIC:pkg/msg/Type")
+    topic = topic if topic.startswith("/") else "/" + topic
+    return topic, (bag.normalize_type(msgtype) if msgtype else None)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="infmllm-record", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="example: infmllm-record out/run1 --topics /image /instruction /infmllm/answer:std_msgs/msg/String")
+    p.add_argument("bag", help="output bag folder (must not exist unless --overwrite)")
+    p.add_argument("--topics", nargs="+", required=True, metavar="TOPIC[:TYPE]",
+                   help="topics to record; TYPE (pkg/msg/Name) skips waiting for the topic to appear in the graph")
+    p.add_argument("--storage", choices=sorted(bag.STORAGES), default="mcap", help="default mcap")
+    p.add_argument("--qos", choices=("auto",) + QOS_CHOICES, default="auto",
+                   help="auto (default) = what the topic's publishers offer (transient_local and reliable only if "
+                        "all of them offer it); reliable = reliable + transient_local; sensor = best effort; "
+                        "volatile = reliable + volatile")
+    p.add_argument("--depth", type=int, default=1000, help="subscription queue depth (default 1000)")
+    p.add_argument("--duration", type=float, metavar="S", help="stop after S seconds of recording")
+    p.add_argument("--max-messages", type=int, metavar="N", help="stop after N messages (all topics together)")
+    p.add_argument("--discovery-timeout", type=float, default=10.0, metavar="S",
+                   help="wait at most S seconds for untyped topics to appear in the graph (default 10)")
+    p.add_argument("--use-sim-time", action="store_true", help="stamp messages with /clock time")
+    p.add_argument("--overwrite", action="store_true", help="replace the output bag if it exists")
+    p.add_argument("--quiet", action="store_true", help="no summary line")
+    return p
+
+
+class _Stop:
+    requested = False
+    reason = ""
+
+
+def main(argv: list[str] | None = None) -> int:
+    ours, ros_args = split_ros_args(list(sys.argv[1:] if argv is None else argv))
+    args = build_parser().parse_args(ours)
+    stop = _Stop()
+
+    def on_signal(signum, _frame):
+        stop.requested, stop.reason = True, signal.Signals(signum).name
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    try:
+        if args.depth < 1 or (args.max_messages is not None and args.max_messages < 1):
+            raise bag.BagError("--depth and --max-messages must be >= 1")
+        if Path(args.bag).exists() and not args.overwrite:
+            raise bag.BagError(f"output bag {args.bag} already exists (use --overwrite to replace it)")
+        specs = dict(parse_topic(s) for s in args.topics)
+        for msgtype in filter(None, specs.values()):
+            bag.ros_type(msgtype)
+            bag.ensure_type(msgtype)
+        return _record(args, ros_args, specs, stop)
+    except bag.BagError as exc:
+        print(f"infmllm-record: error: {exc}", file=sys.stderr)
+        return 1
+
+
+def _record(args, ros_args, specs: dict, stop: _Stop) -> int:
+    import rclpy
+    from rclpy.executors import SingleThreadedExecutor
+    from rclpy.parameter import Parameter
+    from rclpy.signals import SignalHandlerOptions
+
+    rclpy.init(args=ros_args or None, signal_handler_options=SignalHandlerOptions.NO)
+    node = rclpy.create_node("infmllm_record", parameter_overrides=[
+        Parameter("use_sim_time", Parameter.Type.BOOL, True)] if args.use_sim_time else [])
+    executor = SingleThreadedExecutor()
+    executor.add_node(node)
+    writer = None
+    counts: dict[str, int] = {}
+    total = nbytes = 0
+    t_start = time.monotonic()
+    try:
+        types = _discover(node, specs, args.discovery_timeout, stop)
+        if types is None:
+            return 130 if stop.requested else 2
+        writer = bag.open_writer(args.bag, storage=args.storage, overwrite=args.overwrite)
+        clock = node.get_clock()
+
+        def make_callback(topic, conn):
+            def on_message(raw: bytes):
+                nonlocal total, nbytes
+                if args.max_messages is not None and total >= args.max_messages:
+                    return
+                writer.write(conn, clock.now().nanoseconds, raw)
+                counts[topic] += 1
+                total += 1
+                nbytes += len(raw)
+                if args.max_messages is not None and total >= args.max_messages:
+                    stop.requested, stop.reason = True, "max-messages"
+            return on_message
+
+        for topic, msgtype in types.items():
+            qos = _qos_for(node, topic, args)
+            conn = bag.add_connection(writer, topic, msgtype)
+            counts[topic] = 0
+            node.create_subscription(bag.ros_type(msgtype), topic, make_callback(topic, conn), qos, raw=True)
+        print(f"infmllm-record: recording {len(types)} topic(s) to {args.bag}", file=sys.stderr, flush=True)
+        t_start = time.monotonic()
+        while not stop.requested:
+            executor.spin_once(timeout_sec=0.05)
+            if args.duration is not None and time.monotonic() - t_start >= args.duration:
+                stop.requested, stop.reason = True, "duration"
+        _drain(executor, lambda: total)
+        return 0
+    finally:
+        if writer is not None:
+            writer.close()  # writes the summary and metadata.yaml: the bag is valid from here on
+        node.destroy_node()
+        rclpy.try_shutdown()
+        if writer is not None and not args.quiet:
+            wall = time.monotonic() - t_start
+            per_topic = ", ".join(f"{t} {n}" for t, n in counts.items())
+            print(f"infmllm-record: wrote {total} messages ({nbytes / 1e6:.2f} MB) in {wall:.2f} s to {args.bag} "
+                  f"[{per_topic}]" + (f" (stopped: {stop.reason})" if stop.reason else ""), file=sys.stderr)
+
+
+def _drain(executor, count):
+    """Take what already arrived before closing: spin until two quiet passes in a row."""
+    quiet = 0
+    deadline = time.monotonic() + 2.0
+    while quiet < 2 and time.monotonic() < deadline:
+        before = count()
+        executor.spin_once(timeout_sec=0.02)
+        quiet = quiet + 1 if count() == before else 0
+
+
+def _discover(node, specs: dict, timeout: float, stop: _Stop) -> dict[str, str] | None:
+    """{topic: msgtype} for every topic; untyped ones are looked up in the graph until `timeout`."""
+    types = {t: m for t, m in specs.items() if m}
+    deadline = time.monotonic() + timeout
+    while not stop.requested:
+        graph = dict(node.get_topic_names_and_types())
+        for topic in specs:
+            if topic not in types and graph.get(topic):
+                names = graph[topic]
+                if len(names) > 1:
+                    raise bag.BagError(f"topic {topic} has several types {names}: give one as {topic}:TYPE")
+                bag.ros_type(names[0])
+                bag.ensure_type(names[0])
+                types[topic] = bag.normalize_type(names[0])
+        missing = [t for t in specs if t not in types]
+        if not missing:
+            return types
+        if time.monotonic() > deadline:
+            print(f"infmllm-record: error: topic(s) not found in the graph after {timeout:g} s: {', '.join(missing)}"
+                  f" (give the type as TOPIC:pkg/msg/Type to record before a publisher appears)", file=sys.stderr)
+            return None
+        time.sleep(0.05)
+    return None
+
+
+def _qos_for(node, topic: str, args):
+    if args.qos != "auto":
+        return qos_profile(args.qos, args.depth)
+    from rclpy.qos import DurabilityPolicy, ReliabilityPolicy
+
+    offered = [info.qos_profile for info in node.get_publishers_info_by_topic(topic)]
+    if not offered:
+        return qos_profile("volatile", args.depth)
+    if all(q.reliability == ReliabilityPolicy.RELIABLE for q in offered):
+        if all(q.durability == DurabilityPolicy.TRANSIENT_LOCAL for q in offered):
+            return qos_profile("reliable", args.depth)
+        return qos_profile("volatile", args.depth)
+    return qos_profile("sensor", args.depth)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
