@@ -1,0 +1,13 @@
+"""Errors the session raises on bad input or a budget the device cannot hold."""
+
+
+class InvalidFrameError(ValueError):
+    """A frame the session will not encode (wrong type, shape, dtype or values). The session is unchanged."""
+
+
+class InvalidInstructionError(ValueError):
+    """An instruction the session will not prefill (not a string, empty, or no room at all). Session unchanged."""
+
+
+class InsufficientMemoryError(MemoryError):
+    """Weights + KV budget do not fit the device; raised at start-up, before anything is allocated."""

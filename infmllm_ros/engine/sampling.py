@@ -1,0 +1,35 @@
+"""Next-token choice: masks (suppressed / allowed ids), greedy, temperature + top-p with a seeded generator."""
+
+from __future__ import annotations
+
+import torch
+
+
+def mask_logits(logits: torch.Tensor, suppress: torch.Tensor | None, allowed: list[int] | None) -> torch.Tensor:
+    """logits (V,) fp32 -> masked copy; `allowed` (if given) wins over everything else except `suppress`."""
+    out = logits.float().clone()
+    if allowed is not None:
+        keep = torch.full_like(out, float("-inf"))
+        idx = torch.as_tensor(list(allowed), dtype=torch.long, device=out.device)
+        keep[idx] = out[idx]
+        out = keep
+    if suppress is not None and suppress.numel():
+        out[suppress] = float("-inf")
+    if not torch.isfinite(out).any():
+        raise RuntimeError("every token is masked: allowed_tokens_fn and the suppressed ids leave nothing")
+    return out
+
+
+def choose(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0,
+           generator: torch.Generator | None = None) -> int:
+    """Greedy when temperature <= 0; else sample from softmax(logits / T) restricted to the top-p nucleus."""
+    if temperature <= 0.0:
+        return int(torch.argmax(logits))
+    probs = torch.softmax(logits / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_p, order = torch.sort(probs, descending=True)
+        cum = torch.cumsum(sorted_p, dim=-1)
+        drop = cum - sorted_p > top_p  # keep the smallest prefix whose mass reaches top_p (always >= 1 token)
+        sorted_p[drop] = 0.0
+        probs = torch.zeros_like(probs).scatter_(0, order, sorted_p)
+    return int(torch.multinomial(probs.cpu(), 1, generator=generator))

@@ -1,0 +1,294 @@
+"""StreamingSession: one continuous vision-language session over a transformers VLM, on the bounded KV cache.
+
+Every input becomes one prefill chunk with explicit positions (next free position + offsets from the family's
+adapter), then the cache evicts once (`end_chunk`). Frames are encoded once and never re-fed; answers are decoded
+token by token (no eviction per token) and stay in the cache as part of the conversation.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from infmllm_ros.engine import frames, kv, loading, memory
+from infmllm_ros.engine.adapters import Chunk, adapter_for
+from infmllm_ros.engine.errors import InvalidFrameError, InvalidInstructionError
+from infmllm_ros.engine.kv import CacheConfig
+from infmllm_ros.engine.sampling import choose, mask_logits
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Answer:
+    text: str  # decoded answer, special tokens and any stop string removed
+    tokens: list[int]  # every generated id (EOS / the token completing a stop string included)
+    frame_stamp: float | None  # stamp of the newest frame in the cache when the question was asked
+    latency_s: float  # question prefill + decoding
+    cache: dict  # cache stats after the answer
+    finish_reason: str = "length"  # "eos" | "stop" | "length"
+    first_token_s: float = 0.0  # question prefill + first token choice
+    logits: torch.Tensor | None = None  # (n_tokens, vocab) raw logits per step, only with output_logits=True
+
+
+@dataclass
+class _Counters:
+    frames_seen: int = 0
+    questions: int = 0
+    last_stamp: float | None = None
+    last_frame_tokens: int = 0
+    last_frame_latency_s: float = 0.0
+    last_question_tokens: int = 0
+    last_answer_latency_s: float = 0.0
+    last_first_token_s: float = 0.0
+    truncations: int = 0
+    fed_ids: list[int] = field(default_factory=list)  # only with trace=True
+
+
+class StreamingSession:
+    def __init__(self, model, processor, cache: CacheConfig | None = None, *, device=None, dtype=None,
+                 system_prompt: str | None = None, seed: int = 0, suppress_tokens=(), frame_max_side: int | None = None,
+                 frame_min_side: int | None = None, check_memory: bool = True, memory_headroom: float = 0.1,
+                 trace: bool = False):
+        self.cfg = cache if cache is not None else CacheConfig()
+        self.device = torch.device(device) if device is not None else next(model.parameters()).device
+        if dtype is not None or device is not None:
+            model = model.to(device=self.device, dtype=dtype)
+        self.dtype = dtype or next(model.parameters()).dtype
+        self.model, self.processor = model.eval(), processor
+        self.adapter = adapter_for(model, processor)
+        self.tokenizer = processor.tokenizer
+        cache_cls = kv.cache_class()
+        self.kv_bytes = int(cache_cls.kv_bytes_for(self.cfg, model.config, self.dtype))
+        if check_memory:  # weights are resident already; the KV buffers must still fit
+            memory.check_fits(self.kv_bytes, self.device, "KV cache buffers", memory_headroom)
+        kv.install_attention(model)
+        self.cache = cache_cls(self.cfg, model.config, self.device, self.dtype)
+        lo, hi = self.adapter.frame_bounds()
+        self.frame_min_side, self.frame_max_side = frame_min_side or lo, frame_max_side or hi
+        self.system_prompt, self.seed, self.trace = system_prompt, seed, trace
+        self.suppress = torch.tensor(sorted(set(suppress_tokens) | set(self.adapter.never_generate())),
+                                     dtype=torch.long, device=self.device)
+        self.eos_ids = self._eos_ids()
+        self.generator = torch.Generator().manual_seed(seed)
+        self._prefix_ids = self._truncate(self.adapter.encode(self.adapter.prefix_text(system_prompt)),
+                                          self.cfg.max_chunk, "system prompt")
+        self.reset()
+
+    @classmethod
+    def from_pretrained(cls, path: str, cache: CacheConfig | None = None, device: str = "cpu", dtype=None,
+                        check_memory: bool = True, memory_headroom: float = 0.1, **kwargs) -> StreamingSession:
+        """Load a local dir or hub id; refuse before loading if weights + KV budget cannot fit the device."""
+        cfg = cache if cache is not None else CacheConfig()
+        dtype = dtype or (torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32)
+        if check_memory:
+            from transformers import AutoConfig
+
+            n_params = memory.weight_params_on_disk(path)
+            if n_params is not None:
+                elem = torch.empty((), dtype=dtype).element_size()
+                need = n_params * elem + kv.cache_class().kv_bytes_for(cfg, AutoConfig.from_pretrained(path), dtype)
+                memory.check_fits(need, device, "weights + KV cache buffers", memory_headroom)
+        model, processor = loading.load(path, device=device, dtype=dtype)
+        return cls(model, processor, cache=cfg, device=device, dtype=dtype, check_memory=check_memory,
+                   memory_headroom=memory_headroom, **kwargs)
+
+    # -- public API ----------------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def observe(self, frame, stamp: float) -> int:
+        """Prefill one camera frame (HxWx3 uint8 RGB; see frames.py for accepted variants). Returns its token count."""
+        t0 = time.perf_counter()
+        if isinstance(stamp, bool) or not isinstance(stamp, (int, float)) or not math.isfinite(stamp):
+            raise InvalidFrameError(f"stamp must be a finite number of seconds, got {stamp!r}")
+        img = frames.fit(frames.to_rgb(frame), self.frame_min_side, self.frame_max_side)
+        chunk = self.adapter.encode_images(self.adapter.frame_text(float(stamp)), [img])
+        if chunk.length > self.cfg.max_chunk:
+            raise InvalidFrameError(
+                f"one frame is {chunk.length} tokens > cache max_chunk {self.cfg.max_chunk}; raise "
+                f"CacheConfig.max_chunk or lower frame_max_side (now {self.frame_max_side})")
+        if len(self._pending) + chunk.length > self.cfg.max_chunk:
+            self._flush_pending()
+        self._prefill(self._with_pending(chunk))
+        c = self.counters
+        c.frames_seen += 1
+        c.last_stamp = float(stamp)
+        c.last_frame_tokens = chunk.length
+        c.last_frame_latency_s = time.perf_counter() - t0
+        return chunk.length
+
+    @torch.inference_mode()
+    def ask(self, text: str, max_new_tokens: int = 32, on_token: Callable[[str], None] | None = None,
+            temperature: float = 0.0, top_p: float = 1.0, stop: list[str] | None = None,
+            allowed_tokens_fn: Callable[[list[int]], list[int]] | None = None, seed: int | None = None,
+            output_logits: bool = False) -> Answer:
+        """Prefill the question as one chunk, then decode. Greedy at temperature 0, else top-p sampling."""
+        t0 = time.perf_counter()
+        user = self._check_instruction(text)
+        if temperature < 0 or not 0.0 < top_p <= 1.0:
+            raise InvalidInstructionError(f"need temperature >= 0 and 0 < top_p <= 1, got {temperature}, {top_p}")
+        if max_new_tokens < 1:
+            raise InvalidInstructionError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        if max_new_tokens > self.cfg.max_new_tokens:
+            warnings.warn(f"max_new_tokens {max_new_tokens} > cache max_new_tokens {self.cfg.max_new_tokens}; "
+                          "clipped", stacklevel=2)
+            max_new_tokens = self.cfg.max_new_tokens
+        stops = [s for s in (stop or []) if s]
+        open_, close_ = self.adapter.question_wrap()
+        head, tail = self.adapter.encode(open_), self.adapter.encode(close_)
+        if len(self._pending) + len(head) + len(tail) + 1 > self.cfg.max_chunk:
+            self._flush_pending()
+        room = self.cfg.max_chunk - len(self._pending) - len(head) - len(tail)
+        if room < 1:
+            raise InvalidInstructionError(f"cache max_chunk {self.cfg.max_chunk} leaves no room for an instruction")
+        if len(user) > room:
+            self.counters.truncations += 1
+            warnings.warn(f"instruction of {len(user)} tokens truncated to {room} (cache max_chunk "
+                          f"{self.cfg.max_chunk})", stacklevel=2)
+            user = user[:room]
+        if seed is not None:
+            self.generator.manual_seed(seed)
+        ids = torch.tensor([head + user + tail], dtype=torch.long)
+        logits = self._prefill(self._with_pending(Chunk(ids=ids, mm_token_type_ids=torch.zeros_like(ids))))
+        self.counters.questions += 1
+        self.counters.last_question_tokens = ids.shape[1]
+
+        tokens: list[int] = []
+        steps: list[torch.Tensor] = []
+        emitted, finish, text_out, first_token_s = 0, "length", "", 0.0
+        while True:
+            if output_logits:
+                steps.append(logits.float().cpu())
+            allowed = allowed_tokens_fn(list(tokens)) if allowed_tokens_fn is not None else None
+            tok = choose(mask_logits(logits, self.suppress, allowed), temperature, top_p, self.generator)
+            tokens.append(tok)
+            if len(tokens) == 1:
+                first_token_s = time.perf_counter() - t0
+            text_out = self.tokenizer.decode(tokens, skip_special_tokens=True)
+            if tok in self.eos_ids:
+                finish = "eos"
+            for s in stops:
+                i = text_out.find(s)
+                if i >= 0:
+                    text_out, finish = text_out[:i], "stop"
+            done = finish != "length" or len(tokens) >= max_new_tokens
+            if on_token is not None:
+                safe = len(text_out) if done else _safe_end(text_out, stops)
+                if safe > emitted:
+                    on_token(text_out[emitted:safe])
+                    emitted = safe
+            if done:
+                break
+            logits = self._decode_one(tok)  # fed tokens stay in the cache; no eviction per token
+
+        # The last chosen token is fed with the next chunk, together with the turn's closing text.
+        close = self.adapter.encode(self.adapter.close_text())
+        if tokens[-1] in self.eos_ids and close[:1] == [tokens[-1]]:
+            close = close[1:]
+        self._pending = [tokens[-1]] + close
+        latency = time.perf_counter() - t0
+        self.counters.last_answer_latency_s, self.counters.last_first_token_s = latency, first_token_s
+        return Answer(text=text_out, tokens=tokens, frame_stamp=self.counters.last_stamp, latency_s=latency,
+                      cache=dict(self.cache.stats()), finish_reason=finish, first_token_s=first_token_s,
+                      logits=torch.stack(steps) if output_logits else None)
+
+    def reset(self) -> None:
+        """Forget everything: empty cache, positions from 0, model position state cleared, generator reseeded."""
+        self.cache.reset()
+        self.adapter.reset()
+        self.generator.manual_seed(self.seed)
+        self._pending = list(self._prefix_ids)
+        self.counters = _Counters()
+
+    def stats(self) -> dict:
+        c, cs = self.counters, dict(self.cache.stats())
+        return dict(frames_seen=c.frames_seen, questions=c.questions, tokens_seen=int(self.cache.get_seq_length()),
+                    tokens_stored=int(self.cache.stored), kv_bytes=cs.get("kv_bytes", self.kv_bytes),
+                    kv_bytes_budget=self.kv_bytes, next_position=int(self.cache.next_position),
+                    last_stamp=c.last_stamp, last_frame_tokens=c.last_frame_tokens,
+                    last_frame_latency_s=c.last_frame_latency_s, last_question_tokens=c.last_question_tokens,
+                    last_answer_latency_s=c.last_answer_latency_s, last_first_token_s=c.last_first_token_s,
+                    truncations=c.truncations, cache=cs)
+
+    @property
+    def fed_ids(self) -> list[int]:
+        """Every id fed to the model since reset, in order (only with trace=True)."""
+        return self.counters.fed_ids
+
+    # -- internals -----------------------------------------------------------------------------------------------
+    def _eos_ids(self) -> set[int]:
+        ids = {self.tokenizer.eos_token_id} if self.tokenizer.eos_token_id is not None else set()
+        gen = getattr(self.model, "generation_config", None)
+        e = getattr(gen, "eos_token_id", None)
+        ids |= set(e) if isinstance(e, (list, tuple)) else ({e} if e is not None else set())
+        return ids
+
+    def _check_instruction(self, text) -> list[int]:
+        if not isinstance(text, str):
+            raise InvalidInstructionError(f"instruction must be a str, got {type(text).__name__}")
+        clean = text.replace("\x00", "").strip()
+        if not clean:
+            raise InvalidInstructionError("instruction is empty or whitespace only")
+        return self.adapter.encode_user(clean)
+
+    def _truncate(self, ids: list[int], limit: int, what: str) -> list[int]:
+        if len(ids) > limit:
+            warnings.warn(f"{what} of {len(ids)} tokens truncated to cache max_chunk {limit}", stacklevel=3)
+            return ids[:limit]
+        return ids
+
+    def _with_pending(self, chunk: Chunk) -> Chunk:
+        if not self._pending:
+            return chunk
+        pre = torch.tensor([self._pending], dtype=torch.long)
+        mm = chunk.mm_token_type_ids if chunk.mm_token_type_ids is not None else torch.zeros_like(chunk.ids)
+        return Chunk(ids=torch.cat([pre, chunk.ids], 1), model_kwargs=chunk.model_kwargs,
+                     mm_token_type_ids=torch.cat([torch.zeros_like(pre), mm.to(pre.dtype)], 1))
+
+    def _flush_pending(self) -> None:
+        if self._pending:
+            ids = torch.tensor([self._pending], dtype=torch.long)
+            self._pending = []
+            self._prefill(Chunk(ids=ids, mm_token_type_ids=torch.zeros_like(ids)))
+
+    def _prefill(self, chunk: Chunk) -> torch.Tensor:
+        self._pending = []
+        ids = chunk.ids.to(self.device)
+        pos = self.adapter.positions(Chunk(ids, chunk.model_kwargs, chunk.mm_token_type_ids), self.cache.next_position)
+        kwargs = {k: (v.to(self.device, self.dtype) if v.is_floating_point() else v.to(self.device))
+                  if isinstance(v, torch.Tensor) else v for k, v in chunk.model_kwargs.items()}
+        logits = self._forward(ids, pos.to(self.device), prefill=True, **kwargs)
+        self.cache.end_chunk()
+        if self.trace:
+            self.counters.fed_ids.extend(ids[0].tolist())
+        return logits
+
+    def _decode_one(self, tok: int) -> torch.Tensor:
+        ids = torch.tensor([[tok]], dtype=torch.long, device=self.device)
+        if self.trace:
+            self.counters.fed_ids.append(tok)
+        return self._forward(ids, self.adapter.decode_positions(self.cache.next_position, self.device), prefill=False)
+
+    def _forward(self, ids, pos, prefill: bool, **kwargs) -> torch.Tensor:
+        self.cache.begin_forward(pos, prefill=prefill)
+        out = self.model(input_ids=ids, position_ids=pos, cache=self.cache, use_cache=True, logits_to_keep=1,
+                         **kwargs, **self.cache.forward_kwargs())
+        return out.logits[0, -1]
+
+
+def _safe_end(text: str, stops: list[str]) -> int:
+    """Length of `text` that can be streamed: hold back a tail that may still grow into a stop string."""
+    end = len(text)
+    if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence
+        end -= 1
+    for s in stops:
+        for k in range(min(len(s) - 1, len(text)), 0, -1):
+            if text.endswith(s[:k]):
+                end = min(end, len(text) - k)
+                break
+    return max(end, 0)
