@@ -3,8 +3,14 @@
 from __future__ import annotations
 
 import torch
-from transformers import AttentionInterface, AttentionMaskInterface, LlamaConfig, LlamaForCausalLM, Qwen2Config
-from transformers import Qwen2ForCausalLM
+from transformers import (
+    AttentionInterface,
+    AttentionMaskInterface,
+    LlamaConfig,
+    LlamaForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
 from transformers.masking_utils import sdpa_mask
 
 from infmllm_ros import attention
@@ -42,7 +48,7 @@ def stream(model, cache, steps, record=None):
                           **cache.forward_kwargs()).logits)  # fmt: skip
         if prefill:
             cache.end_chunk()
-    return torch.cat(outs, 1)
+    return torch.cat(outs, 1) if outs else None
 
 
 def script(chunks=(10, 7, 12, 9), decode=2, seed=1):

@@ -91,8 +91,8 @@ def test_mrope_stream(budget):
     """budget >= stream: equals the full forward; with eviction: equals a fresh forward of the kept tokens at the
     cache's new 3-row positions, and each kept image keeps its internal t/h/w layout."""
     model = _mrope_text_model()
-    cache = make_cache(model, policy="streaming_llm", budget=budget, sinks=2, recent=0, positions="reindex", max_chunk=16,
-                       max_new_tokens=2)  # fmt: skip
+    cache = make_cache(model, policy="streaming_llm", budget=budget, sinks=2, recent=0, positions="reindex",
+                       max_chunk=16, max_new_tokens=2)  # fmt: skip
     all_ids, all_pos, outs = [], [], []
     for c in range(4):
         ids, pos = _mrope_chunk(cache.next_position, seed=c)
