@@ -3,7 +3,7 @@ the same token sequence (built here from the processor, all images at once per s
 
 import pytest
 import torch
-from conftest import frame, make_session
+from engine_helpers import frame, make_session
 
 from infmllm_ros.cache import CacheConfig
 from infmllm_ros.engine.frames import fit
