@@ -4,7 +4,7 @@ models the layer-0 stored keys are checked against the model's own projection + 
 
 import pytest
 import torch
-from cache_helpers import make_cache, script, stream, tiny_lm
+from cache_helpers import make_cache, oracle_forward, script, stream, tiny_lm, visibility
 from transformers import Qwen2VLTextConfig
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VLTextModel
@@ -116,3 +116,27 @@ def test_mrope_stream(budget):
         got = outs[-1]
         assert cache.next_position <= budget + 16
     assert (got - want).abs().max().item() < 1e-5
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_evicting_one_token_changes_only_what_it_should(family):
+    """Evict exactly one token (the first): queries before the eviction are untouched, later queries equal a full
+    forward that hides just that token. In reindex mode every kept key moves by the same delta (-1), so the
+    re-rotation must be invisible: the result equals the absolute-position oracle (kv_cache_peers A.8: eviction
+    mechanics must not fail like a cliff)."""
+    model = tiny_lm(family)
+    steps = script(chunks=(10, 5, 5), decode=0)
+    cache = make_cache(model, policy="streaming_llm", budget=14, recent=0, sinks=0, positions="reindex",
+                       max_chunk=16, max_new_tokens=0)  # fmt: skip
+    record = []
+    got = stream(model, cache, steps, record)
+    assert cache.evictions == 2  # after chunk 2: token 0 only; after chunk 3 (not seen by any query here): 5 more
+    ids = torch.cat([i for i, _ in steps], 1)
+    with torch.no_grad():
+        full = model(input_ids=ids).logits
+    assert (got[:, :15] - full[:, :15]).abs().max().item() < 1e-5  # before the eviction: unchanged
+    vis = visibility(steps, record, 2, 2)
+    assert vis[0, 0, 15:, 0].sum() == 0 and vis[0, 0, 15:, 1:].any()  # only token 0 hidden from chunk 3
+    want = oracle_forward(model, ids, vis)
+    assert (got - want).abs().max().item() < 1e-5
+    assert (got[:, 15:] - full[:, 15:]).abs().max().item() > 1e-4  # and it did matter
