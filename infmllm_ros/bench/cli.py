@@ -10,6 +10,7 @@ import sys
 # subcommand -> (module with a main(argv) function, one-line help)
 COMMANDS = {
     "cache-cost": ("infmllm_ros.bench.cache_cost", "per-chunk latency and KV bytes vs stream length, every policy"),
+    "train-vlm": ("infmllm_ros.bench.train_vlm", "train the embedded robot VLM on the synthetic world (time-boxed)"),
 }
 
 

@@ -1,0 +1,429 @@
+"""infmllm-bench train-vlm: train the embedded robot VLM (LLaVA: Llama text + CLIP vision) on the synthetic world.
+
+A training sample is a stretch of a `world` stream fed exactly as `engine.StreamingSession` feeds it (its LLaVA
+adapter's Vicuna turns, each piece tokenized alone): BOS, then per frame "USER: t=3.0s <image>\\n " (16 image tokens),
+and after the frame a question is asked at, "USER: <question> ASSISTANT:" + "<answer></s>" + " ". The loss covers the
+answer tokens and their </s> only, so the model learns to look back over the frames for past questions. The format
+is saved as `stream_format.json` beside the weights.
+
+    infmllm-bench train-vlm --minutes 45                      # -> infmllm_ros/assets/robot_vlm (fp16, ~4 MB)
+    infmllm-bench train-vlm --eval-only infmllm_ros/assets/robot_vlm --eval-seeds 40
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from collections import Counter, defaultdict
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from infmllm_ros import world
+
+DEFAULT_OUT = Path(__file__).resolve().parents[1] / "assets" / "robot_vlm"
+EVAL_SEED_BASE = 0  # held-out episodes use seeds EVAL_SEED_BASE + k; training draws seeds >= TRAIN_SEED_BASE
+TRAIN_SEED_BASE = 1_000_000
+CHAT_TEMPLATE = (
+    "{% for m in messages %}{{ m['role'].upper() }}: {% if m['content'] is string %}{{ m['content'] }}{% else %}"
+    "{% for c in m['content'] %}{% if c['type'] == 'image' %}<image>\n{% elif c['type'] == 'text' %}{{ c['text'] }}"
+    "{% endif %}{% endfor %}{% endif %}{% if m['role'] == 'assistant' %}</s>{% endif %} {% endfor %}"
+    "{% if add_generation_prompt %}ASSISTANT:{% endif %}")
+
+
+@dataclass(frozen=True)
+class Size:
+    text_hidden: int = 192
+    text_layers: int = 4
+    text_heads: int = 6
+    text_kv_heads: int = 2
+    text_mlp: int = 512
+    vision_hidden: int = 128
+    vision_layers: int = 2
+    vision_heads: int = 4
+    vision_mlp: int = 256
+    image_size: int = 64
+    patch_size: int = 16  # -> (64/16)^2 = 16 image tokens per frame (CLS dropped)
+
+
+SIZES = {
+    "default": Size(),
+    "tiny": Size(text_hidden=64, text_layers=2, text_heads=4, text_kv_heads=2, text_mlp=128, vision_hidden=32,
+                 vision_layers=1, vision_heads=2, vision_mlp=64),
+}
+
+
+@dataclass
+class TrainConfig:
+    minutes: float = 45.0
+    size: str = "default"
+    batch: int = 16
+    lr: float = 2e-3
+    weight_decay: float = 0.01
+    max_frames: int = 16  # frames per training stream (uniform 1..max_frames)
+    max_questions: int = 3
+    seed: int = 0
+    threads: int = 2
+    max_steps: int | None = None
+    log_every: int = 20
+
+
+# ----------------------------------------------------------------------------------------------- model + processor
+
+
+def build_tokenizer(vocab_size: int = 1000):
+    """Byte-level BPE trained on the world's questions, answers and stream markers; adds no BOS on encode."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    corpus = world.vocabulary() * 4
+    corpus += [f"USER: t={k / 2:.1f}s \n " for k in range(600)]
+    corpus += [f"USER: {q} ASSISTANT:" for q in world.vocabulary()[:20]] * 4
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    specials = ["<pad>", "<s>", "</s>", "<image>"]
+    tok.train_from_iterator(corpus, trainer=trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False))
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    hf = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    hf.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    return hf
+
+
+def build(size: Size | str = "default", seed: int = 0):
+    """(model fp32 train mode, processor) with fresh weights drawn from `seed`."""
+    import transformers as tf
+
+    size = SIZES[size] if isinstance(size, str) else size
+    tok = build_tokenizer()
+    text = tf.LlamaConfig(
+        vocab_size=len(tok), hidden_size=size.text_hidden, intermediate_size=size.text_mlp,
+        num_hidden_layers=size.text_layers, num_attention_heads=size.text_heads,
+        num_key_value_heads=size.text_kv_heads, max_position_embeddings=4096, tie_word_embeddings=True,
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    vision = tf.CLIPVisionConfig(
+        hidden_size=size.vision_hidden, intermediate_size=size.vision_mlp, num_hidden_layers=size.vision_layers,
+        num_attention_heads=size.vision_heads, image_size=size.image_size, patch_size=size.patch_size)
+    cfg = tf.LlavaConfig(text_config=text, vision_config=vision, image_token_id=tok.convert_tokens_to_ids("<image>"),
+                         vision_feature_select_strategy="default", vision_feature_layer=-1,
+                         tie_word_embeddings=True)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = tf.LlavaForConditionalGeneration(cfg)
+    improc = tf.CLIPImageProcessorPil(size={"shortest_edge": size.image_size},
+                                      crop_size={"height": size.image_size, "width": size.image_size})
+    proc = tf.LlavaProcessor(image_processor=improc, tokenizer=tok, patch_size=size.patch_size,
+                             vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                             chat_template=CHAT_TEMPLATE)
+    return model, proc
+
+
+def image_tokens(model) -> int:
+    v = model.config.vision_config
+    return (v.image_size // v.patch_size) ** 2
+
+
+def load(model_dir: str | os.PathLike, dtype=torch.float32):
+    import transformers as tf
+
+    model = tf.LlavaForConditionalGeneration.from_pretrained(str(model_dir), dtype=dtype).eval()
+    proc = tf.LlavaProcessor.from_pretrained(str(model_dir))
+    return model, proc
+
+
+# ----------------------------------------------------------------------------------------------- data
+
+
+@dataclass
+class Sample:
+    ids: list[int]
+    labels: list[int]  # -100 outside answers
+    images: list[np.ndarray]
+
+
+class Encoder:
+    """Stream pieces -> ids exactly as the session feeds them (its LLaVA adapter's turns; checked in the tests).
+
+    prefix (BOS) | per frame: "USER: t=3.0s <image>\\n " with <image> expanded as LlavaProcessor does |
+    per question: "USER: " + question + " ASSISTANT:" | answer + </s> (the loss) | " " (the rest of the turn close).
+    """
+
+    def __init__(self, model, proc):
+        from infmllm_ros.engine.adapters import adapter_for
+
+        self.adapter = a = adapter_for(model, proc)
+        self.tok = proc.tokenizer
+        self.image_id = self.tok.convert_tokens_to_ids("<image>")
+        self.n = image_tokens(model)
+        self.eos = self.tok.eos_token_id
+        self.mean = np.asarray(proc.image_processor.image_mean, np.float32)
+        self.std = np.asarray(proc.image_processor.image_std, np.float32)
+        self.prefix = a.encode(a.prefix_text(None))
+        open_, close_ = a.question_wrap()
+        self.q_head, self.q_tail = a.encode(open_), a.encode(close_)
+        close = a.encode(a.close_text())
+        self.after_answer = close[1:] if close[:1] == [self.eos] else close
+        self._cache: dict[object, list[int]] = {}
+
+    def frame_ids(self, t: float) -> list[int]:
+        key = ("frame", round(t, 1))
+        if key not in self._cache:
+            out = []
+            for i in self.adapter.encode(self.adapter.frame_text(t)):
+                out += [i] * self.n if i == self.image_id else [i]
+            self._cache[key] = out
+        return self._cache[key]
+
+    def question_ids(self, question: str) -> list[int]:
+        return self.q_head + self.adapter.encode_user(question) + self.q_tail
+
+    def answer_ids(self, answer: str) -> list[int]:
+        key = ("answer", answer)
+        if key not in self._cache:
+            self._cache[key] = self.adapter.encode_user(answer) + [self.eos]
+        return self._cache[key]
+
+    def pixels(self, rgb: np.ndarray) -> torch.Tensor:
+        """CLIP normalisation of a 64x64 frame, equal to the image processor's output (no resize needed)."""
+        x = (rgb.astype(np.float32) / 255.0 - self.mean) / self.std
+        return torch.from_numpy(x.transpose(2, 0, 1).copy())
+
+    def sample(self, frames: list[world.Frame], events: list[world.Event], t_offset: float = 0.0,
+               answers: bool = True) -> Sample:
+        """The stream of `frames` with each event asked after its frame (answered when `answers`)."""
+        by_frame = defaultdict(list)
+        for e in events:
+            by_frame[e.frame].append(e)
+        ids, labels, images = list(self.prefix), [-100] * len(self.prefix), []
+        for f in frames:
+            piece = self.frame_ids(f.t + t_offset)
+            ids += piece
+            labels += [-100] * len(piece)
+            images.append(f.rgb)
+            for e in by_frame[f.index]:
+                piece = self.question_ids(e.question)
+                ids += piece
+                labels += [-100] * len(piece)
+                if answers:
+                    piece = self.answer_ids(e.answer)
+                    ids += piece + self.after_answer
+                    labels += piece + [-100] * len(self.after_answer)
+        return Sample(ids, labels, images)
+
+
+def training_sample(rng: np.random.Generator, enc: Encoder, cfg: TrainConfig) -> Sample:
+    while True:
+        seed = int(rng.integers(TRAIN_SEED_BASE, 2**31 - 1))
+        n = int(rng.integers(1, cfg.max_frames + 1))
+        ep = world.make_episode(seed, n, int(rng.integers(1, cfg.max_questions + 1)))
+        if ep.events:
+            last = max(e.frame for e in ep.events)
+            offset = float(rng.integers(0, 240)) / 2 if rng.random() < 0.5 else 0.0  # stamps need not start at 0
+            return enc.sample(ep.frames[:last + 1], ep.events, offset)
+
+
+def collate(samples: list[Sample], enc: Encoder, pad_id: int) -> dict[str, torch.Tensor]:
+    n = max(len(s.ids) for s in samples)
+    ids = torch.full((len(samples), n), pad_id, dtype=torch.long)
+    labels = torch.full((len(samples), n), -100, dtype=torch.long)
+    mask = torch.zeros((len(samples), n), dtype=torch.long)
+    for b, s in enumerate(samples):
+        ids[b, :len(s.ids)] = torch.tensor(s.ids)
+        labels[b, :len(s.ids)] = torch.tensor(s.labels)
+        mask[b, :len(s.ids)] = 1
+    pixels = torch.stack([enc.pixels(im) for s in samples for im in s.images])
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels, "pixel_values": pixels}
+
+
+# ----------------------------------------------------------------------------------------------- training
+
+
+def lr_at(frac: float, base: float) -> float:
+    """Linear warm-up over the first 3% of the time box, cosine down to 10% after."""
+    if frac < 0.03:
+        return base * max(frac / 0.03, 0.05)
+    return base * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, (frac - 0.03) / 0.97))))
+
+
+def train(cfg: TrainConfig, out: str | os.PathLike | None = None, log=print) -> dict:
+    """Train for `cfg.minutes` (or `cfg.max_steps`); save fp16 model + processor into `out` when given."""
+    torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    model, proc = build(cfg.size, cfg.seed)
+    model.train()
+    enc = Encoder(model, proc)
+    rng = np.random.Generator(np.random.PCG64([cfg.seed, 7]))
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "embed" not in n]
+    other = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "embed" not in n)]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay}, {"params": other, "weight_decay": 0}],
+                            lr=cfg.lr, betas=(0.9, 0.98))
+    box = cfg.minutes * 60.0
+    t0 = time.monotonic()
+    losses, history, step = [], [], 0
+    while True:
+        elapsed = time.monotonic() - t0
+        frac = elapsed / box if cfg.max_steps is None else step / cfg.max_steps
+        if frac >= 1.0:
+            break
+        for g in opt.param_groups:
+            g["lr"] = lr_at(frac, cfg.lr)
+        batch = collate([training_sample(rng, enc, cfg) for _ in range(cfg.batch)], enc, proc.tokenizer.pad_token_id)
+        loss = model(**batch).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        losses.append(loss.item())
+        step += 1
+        if step % cfg.log_every == 0:
+            mean = float(np.mean(losses[-cfg.log_every:]))
+            history.append({"step": step, "seconds": round(time.monotonic() - t0, 1), "loss": round(mean, 4)})
+            log(f"step {step:6d}  {history[-1]['seconds']:7.1f}s  loss {mean:.4f}  lr {opt.param_groups[0]['lr']:.2e}")
+    model.eval()
+    record = {"steps": step, "seconds": round(time.monotonic() - t0, 1), "first_loss": losses[0] if losses else None,
+              "last_loss": float(np.mean(losses[-cfg.log_every:])) if losses else None, "history": history,
+              "config": asdict(cfg), "size": asdict(SIZES[cfg.size]),
+              "parameters": sum(p.numel() for p in model.parameters()), "image_tokens_per_frame": image_tokens(model),
+              "torch_threads": torch.get_num_threads(), "cpu": os.cpu_count()}
+    if out is not None:
+        save(model, proc, out, record)
+    return {"model": model, "processor": proc, **record}
+
+
+def save(model, proc, out: str | os.PathLike, record: dict | None = None) -> Path:
+    """fp16 save_pretrained of model + processor, plus stream_format.json and train_record.json; atomic rename."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=out.name + ".", dir=out.parent))
+    enc = Encoder(model, proc)
+    copy.deepcopy(model).to(torch.float16).save_pretrained(tmp)  # the caller's model stays as it is
+    proc.save_pretrained(tmp)
+    (tmp / "stream_format.json").write_text(json.dumps({
+        "frame": enc.adapter.frame_text(3.0), "question": enc.adapter.question_wrap(), "answer_close":
+        enc.adapter.close_text(), "prefix": enc.adapter.prefix_text(None), "system_prompt": None,
+        "image_tokens_per_frame": image_tokens(model), "fps": world.FPS, "actions": world.ACTIONS,
+        "note": "chunks are tokenized alone with add_special_tokens=False; no BOS"}, indent=1) + "\n")
+    if record is not None:
+        (tmp / "train_record.json").write_text(json.dumps(record, indent=1) + "\n")
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- evaluation
+
+
+def answer(model, proc, frames: list[world.Frame], question: str, enc: Encoder | None = None,
+           max_new_tokens: int = 40) -> str:
+    """Greedy answer after one full-context forward over the prefix, `frames` (each through the processor, as the
+    session encodes a frame) and `question`."""
+    from PIL import Image
+
+    enc = enc or Encoder(model, proc)
+    ids, pixels = [torch.tensor([enc.prefix])], []
+    for f in frames:
+        out = proc(text=[enc.adapter.frame_text(f.t)], images=[Image.fromarray(f.rgb)], return_tensors="pt",
+                   add_special_tokens=False)
+        ids.append(out["input_ids"])
+        pixels.append(out["pixel_values"])
+    ids = torch.cat(ids + [torch.tensor([enc.question_ids(question)])], 1)
+    kwargs = {"pixel_values": torch.cat(pixels).to(model.dtype)} if pixels else {}
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                             do_sample=False, eos_token_id=enc.eos, pad_token_id=proc.tokenizer.pad_token_id, **kwargs)
+    return proc.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
+
+
+def _bucket(d: int | None) -> str:
+    if d is None:
+        return "none"
+    return "0" if d == 0 else "1-2" if d <= 2 else "3-5" if d <= 5 else "6-10" if d <= 10 else "11+"
+
+
+def evaluate(model_dir, seeds, kinds=world.KINDS, n_frames: int = 16, n_questions: int = 6, model=None,
+             proc=None) -> dict:
+    """Exact-match accuracy (after normalize_answer) per kind, per template and per distance bucket on the episodes
+    `make_episode(seed, n_frames, n_questions, kinds=kinds)`; `majority` is the accuracy of always giving the most
+    common answer of each template (the chance level to beat)."""
+    if model is None:
+        model, proc = load(model_dir)
+    enc = Encoder(model, proc)
+    events = []
+    for seed in seeds:
+        ep = world.make_episode(int(seed), n_frames, n_questions, kinds=tuple(kinds))
+        for e in ep.events:
+            got = answer(model, proc, ep.frames[:e.frame + 1], e.question, enc)
+            events.append((e, got, world.normalize_answer(got) == world.normalize_answer(e.answer)))
+    counts = defaultdict(Counter)
+    for e, _, _ in events:
+        counts[e.template][world.normalize_answer(e.answer)] += 1
+    common = {tpl: c.most_common(1)[0][0] for tpl, c in counts.items()}
+
+    def table(key):
+        rows = defaultdict(lambda: [0, 0, 0])
+        for e, _, ok in events:
+            r = rows[key(e)]
+            r[0] += 1
+            r[1] += ok
+            r[2] += world.normalize_answer(e.answer) == common[e.template]
+        return {k: {"n": n, "accuracy": round(c / n, 3), "majority": round(m / n, 3)} for k, (n, c, m) in
+                sorted(rows.items())}
+
+    return {"kinds": table(lambda e: e.kind), "templates": table(lambda e: f"{e.kind}/{e.template}"),
+            "distance": table(lambda e: f"{e.kind}/{_bucket(e.distance)}"), "n": len(events),
+            "examples": [{"q": e.question, "truth": e.answer, "got": g} for e, g, _ in events[:12]]}
+
+
+# ----------------------------------------------------------------------------------------------- CLI
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="infmllm-bench train-vlm", description=__doc__.splitlines()[0])
+    p.add_argument("--minutes", type=float, default=45.0, help="time box for training (default 45)")
+    p.add_argument("--size", choices=sorted(SIZES), default="default")
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--max-frames", type=int, default=16)
+    p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps instead of the time box")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=str(DEFAULT_OUT), help=f"output dir (default {DEFAULT_OUT})")
+    p.add_argument("--eval-seeds", type=int, default=20, help="held-out episodes evaluated after training (0: none)")
+    p.add_argument("--eval-only", metavar="MODEL_DIR", help="only evaluate a saved model")
+    p.add_argument("--json", help="write the evaluation here")
+    a = p.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    if a.eval_only:
+        model_dir = a.eval_only
+    else:
+        cfg = TrainConfig(minutes=a.minutes, size=a.size, batch=a.batch, lr=a.lr, max_frames=a.max_frames,
+                          seed=a.seed, threads=a.threads, max_steps=a.max_steps)
+        res = train(cfg, a.out)
+        model_dir = a.out
+        print(f"trained {res['steps']} steps in {res['seconds']} s, loss {res['first_loss']} -> "
+              f"{res['last_loss']}; {res['parameters']} parameters; saved to {model_dir}")
+    if a.eval_seeds:
+        t0 = time.monotonic()
+        ev = evaluate(model_dir, range(EVAL_SEED_BASE, EVAL_SEED_BASE + a.eval_seeds))
+        print(f"evaluation on {a.eval_seeds} held-out episodes ({ev['n']} questions, {time.monotonic() - t0:.0f} s):")
+        for name in ("kinds", "templates", "distance"):
+            for k, r in ev[name].items():
+                print(f"  {k:28s} n={r['n']:4d}  accuracy {r['accuracy']:.3f}  (majority {r['majority']:.3f})")
+        if a.json:
+            Path(a.json).write_text(json.dumps(ev, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

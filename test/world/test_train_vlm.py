@@ -1,0 +1,105 @@
+"""The robot VLM trainer: ids equal what the session feeds, loss only on answers, a short run learns and reloads."""
+
+import copy
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from infmllm_ros import world
+from infmllm_ros.bench import train_vlm as tv
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    model, proc = tv.build("tiny", seed=0)
+    return model.eval(), proc, tv.Encoder(model, proc)
+
+
+def test_frame_ids_and_pixels_match_the_processor(tiny):
+    model, proc, enc = tiny
+    frame = world.make_episode(2, 1, 0).frames[0]
+    out = proc(text=[enc.adapter.frame_text(12.5)], images=[Image.fromarray(frame.rgb)], return_tensors="pt",
+               add_special_tokens=False)
+    assert out["input_ids"][0].tolist() == enc.frame_ids(12.5)
+    assert (np.asarray(enc.frame_ids(12.5)) == enc.image_id).sum() == tv.image_tokens(model) == 16
+    torch.testing.assert_close(enc.pixels(frame.rgb), out["pixel_values"][0], atol=1e-5, rtol=0)
+
+
+def test_labels_cover_the_answers_only(tiny):
+    _, proc, enc = tiny
+    ep = world.make_episode(11, 10, 5)
+    assert len(ep.events) >= 3
+    s = enc.sample(ep.frames, ep.events)
+    assert len(s.ids) == len(s.labels) and len(s.images) == 10
+    picked = [i for i, lab in zip(s.ids, s.labels, strict=True) if lab != -100]
+    assert [lab for lab in s.labels if lab != -100] == picked
+    want = [t for e in ep.events for t in enc.answer_ids(e.answer)]
+    assert picked == want
+    text = proc.tokenizer.decode(picked)
+    assert text == "".join(e.answer + "</s>" for e in ep.events)
+    assert s.ids[0] == proc.tokenizer.bos_token_id
+
+
+def test_training_ids_equal_what_the_session_feeds(tiny):
+    from infmllm_ros.engine import StreamingSession
+    from infmllm_ros.engine.kv import CacheConfig
+
+    model, proc, enc = tiny
+    ep = world.make_episode(5, 6, 3)
+    e = ep.events[-1]
+    frames = ep.frames[:e.frame + 1]
+    s = StreamingSession(copy.deepcopy(model), proc, cache=CacheConfig(policy="full", budget=2048, max_chunk=256),
+                         trace=True, check_memory=False)
+    for f in frames:
+        s.observe(f.rgb, f.t)
+    got = s.ask(e.question, max_new_tokens=1)
+    assert s.fed_ids == enc.sample(frames, [e], answers=False).ids
+    # and the full-context evaluation path answers what the session answers (full cache, greedy)
+    s.reset()
+    for f in frames:
+        s.observe(f.rgb, f.t)
+    got = s.ask(e.question, max_new_tokens=6)
+    assert got.text.strip() == tv.answer(model, proc, frames, e.question, enc, max_new_tokens=6)
+
+
+@pytest.mark.slow
+def test_short_training_run_learns_saves_and_reloads(tmp_path):
+    cfg = tv.TrainConfig(size="tiny", max_steps=60, batch=8, max_frames=3, max_questions=2, lr=5e-3, log_every=5)
+    res = tv.train(cfg, tmp_path / "m", log=lambda *_: None)
+    assert res["steps"] == 60
+    losses = [h["loss"] for h in res["history"]]
+    assert losses[-1] < 0.6 * losses[0], losses
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "m" / "model.safetensors"), "pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float16}
+    assert sum(p.stat().st_size for p in (tmp_path / "m").iterdir()) < 20e6
+    fmt = json.loads((tmp_path / "m" / "stream_format.json").read_text())
+    assert fmt["image_tokens_per_frame"] == 16 and "move" in fmt["actions"]
+
+    model, proc = tv.load(tmp_path / "m")  # from_pretrained of model and processor
+    ref = copy.deepcopy(res["model"]).eval()
+    with torch.no_grad():  # the saved weights are the trained ones rounded to fp16 (buffers stay fp32)
+        for p in ref.parameters():
+            p.copy_(p.half().float())
+    enc = tv.Encoder(model, proc)
+    ep = world.make_episode(3, 4, 2)
+    batch = tv.collate([enc.sample(ep.frames, ep.events)], enc, proc.tokenizer.pad_token_id)
+    batch.pop("labels")
+    with torch.no_grad():
+        assert torch.equal(model(**batch).logits, ref(**batch).logits)
+    # the engine's loader (the session's path) takes it too
+    from infmllm_ros.engine import loading
+
+    m2, p2 = loading.load(str(tmp_path / "m"))
+    with torch.no_grad():
+        assert torch.equal(m2(**batch).logits, ref(**batch).logits)
+    assert p2.tokenizer.get_vocab() == res["processor"].tokenizer.get_vocab()
+
+    ev = tv.evaluate(tmp_path / "m", seeds=[0, 1], n_frames=4, n_questions=3)
+    assert ev["n"] >= 4 and set(ev["kinds"]) <= set(world.KINDS)
+    for row in ev["kinds"].values():
+        assert 0.0 <= row["accuracy"] <= 1.0 and 0.0 < row["majority"] <= 1.0
