@@ -1,0 +1,84 @@
+"""How the node gets its session: one small factory, so tests and users can inject another one.
+
+``make_session(params)`` builds the real :class:`infmllm_ros.engine.StreamingSession` from the node's
+parameters. The ``session_factory`` parameter (``"module:callable"``) replaces it: the callable receives the
+same ``params`` dict and returns any object with the session's interface (``observe``, ``ask``, ``reset``,
+``stats``; optionally ``tokenizer`` or ``processor.tokenizer`` for constrained action decoding). The node's
+tests use that to run the node in its own process with a scripted session.
+
+``model`` values: a Hugging Face id or a local directory (``StreamingSession.from_pretrained``), or
+``tiny:<family>[:seed]`` for the offline random-weight models of ``infmllm_ros.engine.tiny`` (tests, demos).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from typing import Any
+
+_DTYPES = ("auto", "float32", "float16", "bfloat16")
+
+
+def cache_config_kwargs(params: dict) -> dict:
+    """``cache.*`` parameters -> CacheConfig keyword arguments (only the fields CacheConfig has)."""
+    from infmllm_ros.cache import CacheConfig
+
+    fields = {f.name for f in dataclasses.fields(CacheConfig)}
+    out = {k[len("cache."):]: v for k, v in params.items() if k.startswith("cache.") and k[len("cache."):] in fields}
+    if "max_new_tokens" in fields:  # the cache must hold the longest answer the node will ask for
+        out["max_new_tokens"] = max(int(params.get("generation.max_new_tokens", 0)),
+                                    int(params.get("actions.max_new_tokens", 0)), int(out.get("max_new_tokens", 0)))
+    return out
+
+
+def torch_dtype(name: str, device: str):
+    import torch
+
+    if name not in _DTYPES:
+        raise ValueError(f"dtype must be one of {_DTYPES}, got {name!r}")
+    if name == "auto":
+        return torch.bfloat16 if str(device).startswith("cuda") else torch.float32
+    return getattr(torch, name)
+
+
+def make_session(params: dict) -> Any:
+    """The real session, from the node's parameters (model, device, dtype, cache.*, system_prompt)."""
+    from infmllm_ros.cache import CacheConfig
+    from infmllm_ros.engine import StreamingSession
+
+    model = str(params.get("model", "")).strip()
+    device = str(params.get("device", "cpu"))
+    dtype = torch_dtype(str(params.get("dtype", "float32")), device)
+    cache = CacheConfig(**cache_config_kwargs(params))
+    system_prompt = str(params.get("system_prompt", "")) or None
+    if model.startswith("tiny:"):
+        from infmllm_ros.engine.tiny import tiny_model
+
+        family, _, seed = model[len("tiny:"):].partition(":")
+        m, proc = tiny_model(family, int(seed or 0))
+        return StreamingSession(m, proc, cache=cache, device=device, dtype=dtype, system_prompt=system_prompt)
+    if not model:
+        raise ValueError("parameter 'model' is empty: set a Hugging Face id, a local directory or tiny:<family>")
+    return StreamingSession.from_pretrained(model, cache=cache, device=device, dtype=dtype,
+                                            system_prompt=system_prompt)
+
+
+def load_factory(spec: str):
+    """``"module:callable"`` -> the callable (``""`` -> :func:`make_session`)."""
+    if not spec:
+        return make_session
+    mod, sep, attr = spec.partition(":")
+    if not sep or not mod or not attr:
+        raise ValueError(f"session_factory must be 'module:callable', got {spec!r}")
+    fn = getattr(importlib.import_module(mod), attr)
+    if not callable(fn):
+        raise ValueError(f"session_factory {spec!r} is not callable")
+    return fn
+
+
+def tokenizer_of(session) -> Any | None:
+    """The HF tokenizer behind a session, if it exposes one (for constrained action decoding)."""
+    tok = getattr(session, "tokenizer", None)
+    if tok is None:
+        tok = getattr(getattr(session, "processor", None), "tokenizer", None)
+    return tok
