@@ -29,8 +29,16 @@ def compact_rerotate_ref(k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor, d
 
 def compact_rerotate_(k, v, keep, delta, inv_freq) -> None:
     """Dispatch: Triton on CUDA, the torch reference elsewhere."""
-    if k.is_cuda:
+    if k.is_cuda and _triton_ok():
         from .compact_triton import compact_rerotate_triton
 
         return compact_rerotate_triton(k, v, keep, delta, inv_freq)
     return compact_rerotate_ref(k, v, keep, delta, inv_freq)
+
+
+def _triton_ok() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:  # a CUDA install without Triton falls back to the reference
+        return False
+    return True

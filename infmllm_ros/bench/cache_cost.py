@@ -43,8 +43,15 @@ def tiny_llama(layers: int, hidden: int, heads: int, kv_heads: int, device, dtyp
     from infmllm_ros import attention
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=512, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-                      num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=1 << 22)
+    cfg = LlamaConfig(
+        vocab_size=512,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=1 << 22,
+    )
     model = LlamaForCausalLM(cfg).eval().to(device=device, dtype=dtype)
     attention.install(model)
     return model

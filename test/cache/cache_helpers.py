@@ -21,8 +21,16 @@ VOCAB = 97
 
 def tiny_lm(family="llama", layers=2, heads=4, kv_heads=2, seed=0, **extra):
     torch.manual_seed(seed)
-    kw = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
-              num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=1 << 20, **extra)
+    kw = dict(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=1 << 20,
+        **extra,
+    )
     cfg = LlamaConfig(**kw) if family == "llama" else Qwen2Config(**kw)
     model = (LlamaForCausalLM if family == "llama" else Qwen2ForCausalLM)(cfg).eval()
     attention.install(model)

@@ -57,9 +57,16 @@ def test_layer0_keys_are_the_kept_tokens_rotated_at_their_new_positions():
 
 def _mrope_text_model(layers=1):
     torch.manual_seed(0)
-    cfg = Qwen2VLTextConfig(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
-                            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
-                            rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 1e4})
+    cfg = Qwen2VLTextConfig(
+        vocab_size=97,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=4096,
+        rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 1e4},
+    )
     model = Qwen2VLTextModel(cfg).eval()
     attention.install(model)
     return model

@@ -47,8 +47,12 @@ def test_plain_rerotation_matches_model_rotary(rope):
 
 
 def test_mrope_rerotation_per_section():
-    cfg = Qwen2VLTextConfig(hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
-                            rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 1e4})
+    cfg = Qwen2VLTextConfig(
+        hidden_size=64,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 1e4},
+    )
     rotary = Qwen2VLRotaryEmbedding(cfg)
     sections = mrope_section_of(cfg)
     inv = inv_freq_from_config(cfg)
