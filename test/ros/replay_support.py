@@ -14,7 +14,7 @@ from pathlib import Path
 
 BIN = Path(sys.executable).parent
 MODULES = {"infmllm-replay": "infmllm_ros.ros.replay", "infmllm-record": "infmllm_ros.ros.record",
-           "infmllm-make-bag": "infmllm_ros.ros.make_bag"}
+           "infmllm-make-bag": "infmllm_ros.ros.make_bag", "infmllm_node": "infmllm_ros.ros.node"}
 
 
 def env(domain: int) -> dict:

@@ -1,0 +1,119 @@
+"""End to end: the node (own process, tiny random-weight model, use_sim_time) fed by a replay of the real-video bag.
+
+Checks, against the node's public interface (`image`, `instruction` in; `~/result` JSON out):
+  * every instruction gets exactly one result, in order;
+  * its frame_stamp is the newest frame replayed before the instruction;
+  * its stamp is bag (sim) time, from /clock, not wall time;
+  * the KV cache stays within its budget while the stream is longer than the budget;
+  * two replays into two fresh nodes give identical answers (greedy decoding).
+Frames are 1 s of bag time apart, played at half speed, and instructions sit half-way between frames, so the
+node has a second to take the instruction before the next frame replaces its latest-frame mailbox, even on a
+loaded 2-core machine (answers took up to 0.4 s here under load).
+"""
+
+import importlib.util
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+import replay_support as rs  # noqa: E402
+
+from infmllm_ros.ros import bag  # noqa: E402
+
+DOMAIN = 63
+BUDGET = 64
+MAX_NEW_TOKENS = 8
+RATE = 0.5  # frames 2 s apart in wall time: 1 s for the node to answer before the next frame
+SCRIPT = """\
+- {t: 1.5, say: "What is in front of the robot?"}
+- {t: 3.5, say: "How many people are walking?"}
+- {t: 5.5, say: "Describe the scene."}
+"""
+NODE_PARAMS = {
+    "model": "tiny:llava_llama", "use_sim_time": "true", "frame_rate": "50.0", "image_reliability": "reliable",
+    "instruction_durability": "transient_local", "output_durability": "transient_local",
+    "generation.max_new_tokens": str(MAX_NEW_TOKENS), "cache.budget": str(BUDGET), "cache.recent": "16",
+    "cache.window": "8",
+}
+HAVE_NODE = importlib.util.find_spec("infmllm_ros.ros.node") is not None
+
+pytestmark = pytest.mark.xfail(not HAVE_NODE, run=False, strict=True,
+                               reason="infmllm_ros/ros/node.py (issue 5, the node) has not landed yet")
+
+
+@pytest.fixture(scope="module")
+def video_bag(tmp_path_factory):
+    return rs.make_video_bag(tmp_path_factory.mktemp("e2e") / "b", "--resize", "64x48", "--fps", "1",
+                             "--max-frames", "7", script=SCRIPT)
+
+
+def start_node(log: Path) -> subprocess.Popen:
+    args = ["--ros-args"] + [a for k, v in NODE_PARAMS.items() for a in ("-p", f"{k}:={v}")]
+    out = open(log, "w")
+    return subprocess.Popen(rs.command("infmllm_node") + args, env=rs.env(DOMAIN), stdout=out,
+                            stderr=subprocess.STDOUT)
+
+
+def wait_for_text(log: Path, text: str, proc: subprocess.Popen, timeout: float = 90):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if text in log.read_text():
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"node exited with {proc.returncode}:\n{log.read_text()}")
+        time.sleep(0.1)
+    raise AssertionError(f"node not ready after {timeout} s:\n{log.read_text()}")
+
+
+def one_session(tmp: Path, video_bag: Path) -> list[dict]:
+    """Fresh node, recorder on ~/result, one replay with /clock; returns the result records."""
+    node = start_node(tmp / "node.log")
+    rec = None
+    try:
+        wait_for_text(tmp / "node.log", "active:", node)
+        rec = rs.Recorder(tmp / "results", ["/infmllm_node/result:std_msgs/msg/String"], DOMAIN,
+                          "--qos", "reliable", "--max-messages", 3)
+        rec.wait_ready()
+        play = rs.run("infmllm-replay", video_bag, "--rate", RATE, "--clock", "--wait-for-subscribers", "1",
+                      "--delay", "0.5",
+                      domain=DOMAIN, timeout=120)
+        assert play.returncode == 0, play.stderr
+        assert rec.wait(120) == 0, rec.text() + (tmp / "node.log").read_text()
+    finally:
+        if rec is not None:
+            rec.stop(signal.SIGKILL)
+        node.send_signal(signal.SIGINT)
+        try:
+            node.wait(30)
+        except subprocess.TimeoutExpired:
+            node.kill()
+    return [json.loads(m.data) for _, _, _, m in bag.read_all(tmp / "results")]
+
+
+def test_node_answers_every_instruction_from_bag_replay(tmp_path, video_bag):
+    source = bag.read_all(video_bag)
+    frames = [(t, rs.stamp_ns(m)) for topic, _, t, m in source if topic == "/image"]
+    said = [(t, m.data) for topic, _, t, m in source if topic == "/instruction"]
+    runs = []
+    for n in (1, 2):
+        (tmp_path / str(n)).mkdir()
+        runs.append(one_session(tmp_path / str(n), video_bag))
+    for results in runs:
+        assert [r["instruction"] for r in results] == [text for _, text in said]
+        for r, (t_said, _) in zip(results, said, strict=True):
+            newest_before = max(stamp for t, stamp in frames if t <= t_said)
+            fs = r["frame_stamp"]
+            assert fs["sec"] * 10**9 + fs["nanosec"] == newest_before, r
+            now = r["stamp"]["sec"] * 10**9 + r["stamp"]["nanosec"]
+            assert newest_before <= now <= frames[-1][1] + 10**9, f"stamp is not bag time: {r}"
+            cache = r["cache"]  # the bounded cache's stats(): seen, stored, budget, capacity, ...
+            # eviction runs per incoming chunk: after an answer at most its decoded tokens sit above the budget
+            assert cache["budget"] == BUDGET and cache["stored"] <= BUDGET + MAX_NEW_TOKENS <= cache["capacity"], r
+        assert runs and results[-1]["cache"]["seen"] > 2 * BUDGET, "stream too short to exercise eviction"
+    assert [r["answer"] for r in runs[0]] == [r["answer"] for r in runs[1]]
