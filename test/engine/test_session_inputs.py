@@ -126,3 +126,14 @@ def test_too_many_new_tokens_clipped(tiny):
     with pytest.warns(UserWarning, match="clipped"):
         a = s.ask("go", max_new_tokens=100)
     assert len(a.tokens) == CFG["max_new_tokens"]
+
+
+def test_frame_larger_than_max_chunk_rejected(tiny):
+    model, proc = tiny("llava_llama")
+    s = make_session(model, proc, CacheConfig(policy="saddle", budget=64, recent=8, max_chunk=24, max_new_tokens=4),
+                     system_prompt=None)
+    with pytest.raises(InvalidFrameError, match="max_chunk"):
+        s.observe(frame(1), 0.0)
+    assert s.stats()["tokens_seen"] == 0
+    a = s.ask("Describe the image.", max_new_tokens=2, output_logits=True)
+    assert torch.isfinite(a.logits).all()

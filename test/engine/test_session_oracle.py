@@ -48,9 +48,27 @@ def full_forward(family, model, ids, pix, mm=None):
 
 
 def test_stream_equals_full_forward(tiny, family):
-    model, proc = tiny(family)
     cfg = CacheConfig(policy="saddle", budget=1024, recent=64, window=16, max_chunk=256, max_new_tokens=8)
-    s = make_session(model, proc, cfg, trace=True)
+    _check_against_full_forward(tiny, family, cfg, "You are a robot.")
+
+
+@pytest.mark.parametrize("fam", ["llava_llama", "qwen2_vl"])
+def test_small_chunks_still_equal_full_forward(tiny, fam):
+    """max_chunk just above one frame: the system turn and answer closings are flushed as chunks of their own."""
+    system = "You are a robot assistant watching a camera stream."
+    frame_tokens = {"llava_llama": 30, "qwen2_vl": 20}[fam]
+    cfg = CacheConfig(policy="saddle", budget=1024, recent=64, window=16, max_chunk=frame_tokens + 2,
+                      max_new_tokens=8)
+    s, forwards = _check_against_full_forward(tiny, fam, cfg, system)
+    assert forwards[0] == len(s._prefix_ids)  # the system turn went alone: it and a frame exceed max_chunk
+
+
+def _check_against_full_forward(tiny, family, cfg, system):
+    model, proc = tiny(family)
+    s = make_session(model, proc, cfg, trace=True, system_prompt=system)
+    forwards = []
+    begin = s.cache.begin_forward
+    s.cache.begin_forward = lambda pos, prefill=True: (forwards.append(pos.shape[-1]), begin(pos, prefill=prefill))[1]
     a = s.adapter
     imgs = [frame(1), frame(2), frame(3, 32, 48)]
     s.observe(imgs[0], 0.0)
@@ -62,13 +80,14 @@ def test_stream_equals_full_forward(tiny, family):
 
     qo, qc = a.question_wrap()
     pil = [fit(i, s.frame_min_side, s.frame_max_side) for i in imgs]  # the documented pre-resize
-    t1 = a.prefix_text("You are a robot.") + a.frame_text(0.0) + a.frame_text(0.5) + qo + \
+    t1 = a.prefix_text(system) + a.frame_text(0.0) + a.frame_text(0.5) + qo + \
         "What is in front of the robot?" + qc
     t2 = a.close_text() + a.frame_text(1.25) + qo + "Move forward and turn left." + qc
     ids1, mm1, pix1 = encode_segment(proc, t1, pil[:2])
     ids2, mm2, pix2 = encode_segment(proc, t2, pil[2:])
     ids = ids1 + a1.tokens + ids2 + a2.tokens
     assert s.fed_ids == ids[:-1]  # the session fed exactly this sequence (the last token waits for the next chunk)
+    assert max(forwards) <= cfg.max_chunk
 
     oracle_model, _ = tiny_model(family, seed=0)  # fresh copy: default attention, no cache
     mm = None
@@ -86,6 +105,7 @@ def test_stream_equals_full_forward(tiny, family):
         masked = o.clone()
         masked[:, special] = float("-inf")
         assert masked.argmax(-1).tolist() == ans.tokens
+    return s, forwards
 
 
 def test_qwen2_vl_later_image_gets_mrope_positions(tiny):
