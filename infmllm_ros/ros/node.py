@@ -718,21 +718,29 @@ class InfMLLMNode(LifecycleNode):
             cb_max = self.stats.cb_max_ms
             lat = list(self.stats.answer_s)
             last_error = self.stats.last_error
-        cache = {}
+        raw = {}
         if self._session is not None:
             try:
-                cache = dict(self._session.stats() or {})
+                raw = dict(self._session.stats() or {})
             except Exception as e:  # stats() must not take diagnostics down
-                cache = {"stats_error": str(e)}
-        cache = cache.get("cache", cache) if isinstance(cache.get("cache"), dict) else cache
+                raw = {"stats_error": str(e)}
+        inner = raw.get("cache") if isinstance(raw.get("cache"), dict) else {}
+
+        def pick(*keys, default=0):
+            for src in (inner, raw):
+                for k in keys:
+                    if k in src and src[k] is not None:
+                        return src[k]
+            return default
+
         busy = self._busy_since
         v = {
             "state": self._state_label,
-            "tokens_stored": cache.get("stored", 0),
-            "tokens_budget": cache.get("budget", self._p.get("cache.budget", 0)),
-            "tokens_seen": cache.get("seen", 0),
-            "kv_bytes": cache.get("kv_bytes", 0),
-            "evictions": cache.get("evictions", 0),
+            "tokens_stored": pick("stored", "tokens_stored"),
+            "tokens_budget": pick("budget", "tokens_budget", default=self._p.get("cache.budget", 0)),
+            "tokens_seen": pick("seen", "tokens_seen"),
+            "kv_bytes": pick("kv_bytes"),
+            "evictions": pick("evictions"),
             "frames_in": c.get("frames_in", 0),
             "frames_used": c.get("frames_used", 0),
             "frames_dropped": c.get("frames_dropped", 0),
@@ -762,9 +770,11 @@ class InfMLLMNode(LifecycleNode):
             "rss_bytes": _rss_bytes(),
             "last_error": last_error,
         }
-        for k, val in cache.items():
-            if k not in ("stored", "budget", "seen", "kv_bytes", "evictions") and isinstance(val, (int, float, str)):
-                v.setdefault(f"cache_{k}", val)
+        for prefix, src in (("cache_", inner), ("session_", raw)):
+            for k, val in src.items():
+                if isinstance(val, (int, float, str)) and not isinstance(val, bool) and k not in (
+                        "stored", "budget", "seen", "kv_bytes", "evictions", "tokens_stored", "tokens_seen"):
+                    v.setdefault(prefix + k, val)
         return v
 
     def _publish_diagnostics(self):

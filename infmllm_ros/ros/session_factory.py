@@ -6,8 +6,9 @@ same ``params`` dict and returns any object with the session's interface (``obse
 ``stats``; optionally ``tokenizer`` or ``processor.tokenizer`` for constrained action decoding). The node's
 tests use that to run the node in its own process with a scripted session.
 
-``model`` values: a Hugging Face id or a local directory (``StreamingSession.from_pretrained``), or
-``tiny:<family>[:seed]`` for the offline random-weight models of ``infmllm_ros.engine.tiny`` (tests, demos).
+``model`` values: a Hugging Face id or a local directory (``StreamingSession.from_pretrained``),
+``tiny:<family>[:seed]`` for the offline random-weight models of ``infmllm_ros.engine.tiny`` (tests, demos), or
+``""`` for the model embedded in the package (the first ``infmllm_ros/assets/<name>/config.json``), if any.
 """
 
 from __future__ import annotations
@@ -58,9 +59,23 @@ def make_session(params: dict) -> Any:
         m, proc = tiny_model(family, int(seed or 0))
         return StreamingSession(m, proc, cache=cache, device=device, dtype=dtype, system_prompt=system_prompt)
     if not model:
-        raise ValueError("parameter 'model' is empty: set a Hugging Face id, a local directory or tiny:<family>")
+        model = embedded_model()
+        if not model:
+            raise ValueError("parameter 'model' is empty and no embedded model ships with this install: set a "
+                             "Hugging Face id, a local directory or tiny:<family>")
     return StreamingSession.from_pretrained(model, cache=cache, device=device, dtype=dtype,
                                             system_prompt=system_prompt)
+
+
+def embedded_model() -> str:
+    """The model directory shipped inside the package (``infmllm_ros/assets/*/config.json``), or ``""``."""
+    from pathlib import Path
+
+    import infmllm_ros
+
+    assets = Path(infmllm_ros.__file__).resolve().parent / "assets"
+    found = sorted(p.parent for p in assets.glob("*/config.json")) if assets.is_dir() else []
+    return str(found[0]) if found else ""
 
 
 def load_factory(spec: str):
