@@ -92,6 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="reliable = reliable + transient_local (default, no loss with matching subscribers); "
                         "sensor = best effort + volatile; volatile = reliable + volatile")
     p.add_argument("--depth", type=int, default=100, help="publisher history depth (default 100)")
+    p.add_argument("--no-flow-control", action="store_true",
+                   help="do not wait for acknowledgements every depth/2 messages (reliable QoS): faster than a "
+                        "slow subscriber, but the history may overwrite what it has not received yet")
     p.add_argument("--wait-for-subscribers", type=int, default=0, metavar="N",
                    help="before playing, wait until every played topic has N subscribers (default 0)")
     p.add_argument("--wait-timeout", type=float, default=30.0, metavar="S",
@@ -203,7 +206,11 @@ def _play(reader, chosen, args, ros_args, stop: _Stop) -> int:
         duration_s = max(0.0, (reader.end_time - start_ns) / 1e9)
         show = not args.quiet and (args.progress == "always" or (args.progress == "auto" and sys.stderr.isatty()))
         progress = Progress(duration_s, total, show)
-        sent = nbytes = 0
+        sent = nbytes = stalled = 0
+        # reliable QoS keeps the last `depth` messages: wait for acknowledgements every depth/2 messages so a slow
+        # subscriber slows the replay down instead of losing what the history overwrote
+        flow_every = max(1, args.depth // 2) if args.qos != "sensor" and not args.no_flow_control else 0
+        unacked: dict = {}
         wall0 = time.monotonic()
 
         def publish_clock(ns: int):
@@ -233,7 +240,13 @@ def _play(reader, chosen, args, ros_args, stop: _Stop) -> int:
                 if stop.requested:
                     break
                 publish_clock(t_ns)
-                by_conn[conn.id].publish(bytes(raw))
+                pub = by_conn[conn.id]
+                pub.publish(bytes(raw))
+                unacked[pub] = unacked.get(pub, 0) + 1
+                if flow_every and unacked[pub] >= flow_every:  # back-pressure: never overrun the history
+                    unacked[pub] = 0
+                    if not pub.wait_for_all_acked(Duration(seconds=args.wait_timeout)):
+                        stalled += 1
                 sent += 1
                 sent_this_loop += 1
                 nbytes += len(raw)
@@ -253,6 +266,7 @@ def _play(reader, chosen, args, ros_args, stop: _Stop) -> int:
             print(f"infmllm-replay: sent {sent} messages ({nbytes / 1e6:.2f} MB) on {len(pubs)} topics in {wall:.2f} s"
                   f" ({sent / wall if wall > 0 else 0:.0f} msg/s, {nbytes / 1e6 / wall if wall > 0 else 0:.1f} MB/s)"
                   + ("" if acked else "; WARNING: not every subscriber acknowledged everything")
+                  + (f"; WARNING: {stalled} waits for slow subscribers timed out" if stalled else "")
                   + (" [interrupted]" if stop.requested else ""), file=sys.stderr)
         if stop.requested:
             return 130

@@ -101,3 +101,18 @@ def test_clock_follows_bag_time(tmp_path, bags):
     assert len(clock) > FRAMES  # one before every message plus 100 Hz in between
     assert clock == sorted(clock) and clock[0] == frames[0] and clock[-1] == frames[-1]
     assert set(frames) <= set(clock)  # /clock is published at each frame's stamp right before the frame
+
+
+def test_fast_replay_waits_for_slow_subscriber(tmp_path):
+    """As fast as possible (--rate 0) with a short history (--depth 10): back-pressure, not loss."""
+    src = rs.make_video_bag(tmp_path / "big", "--resize", "384x288", "--max-frames", 80)
+    rec = rs.Recorder(tmp_path / "rec", ["/image:sensor_msgs/msg/Image", "/instruction:std_msgs/msg/String"],
+                      DOMAIN, "--qos", "reliable")
+    try:
+        rec.wait_ready()
+        play = rs.run("infmllm-replay", src, "--rate", 0, "--depth", 10, "--wait-for-subscribers", 1,
+                      domain=DOMAIN, timeout=120)
+        assert play.returncode == 0, play.stderr
+    finally:
+        assert rec.stop() == 0, rec.text()
+    assert_same_bag(src, tmp_path / "rec")
