@@ -17,6 +17,7 @@ import torch
 from infmllm_ros.engine import loading
 
 FAMILIES = ("llava_llama", "llava_qwen2", "llava_onevision", "idefics3", "smolvlm", "qwen2_vl")
+EXTRA_FAMILIES = ("qwen2_5_vl",)  # also buildable; kept out of FAMILIES so the per-family test matrix stays small
 _VERSION = 2  # bump when a recipe changes, so stale cache dirs are not reused
 
 CORPUS = ["Describe the image.", "What is in front of the robot?", "Move forward and turn left.",
@@ -140,26 +141,33 @@ def _idefics(smol: bool):
     return model, proc
 
 
-def _qwen2_vl():
+def _qwen2_vl(v25: bool = False):
     import transformers as tf
 
-    from infmllm_ros.engine.processors import Qwen2VLImageOnlyProcessor
+    from infmllm_ros.engine.processors import Qwen2_5_VLImageOnlyProcessor, Qwen2VLImageOnlyProcessor
 
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>",
                 "<|video_pad|>"]
     tok = build_tokenizer(specials, bos=None, eos="<|im_end|>", pad="<|endoftext|>")
     ids = tok.convert_tokens_to_ids
-    cfg = tf.Qwen2VLConfig(
-        text_config=dict(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
-                         bos_token_id=None, eos_token_id=ids("<|im_end|>"), pad_token_id=ids("<|endoftext|>"),
-                         rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0}),
-        vision_config=dict(depth=2, embed_dim=32, hidden_size=64, num_heads=2, mlp_ratio=2, patch_size=8,
-                           spatial_merge_size=2, temporal_patch_size=2),  # vision hidden_size == text hidden_size
-        image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
-        vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"))
-    model = tf.Qwen2VLForConditionalGeneration(cfg)
-    proc = Qwen2VLImageOnlyProcessor(
+    text = dict(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096, bos_token_id=None,
+                eos_token_id=ids("<|im_end|>"), pad_token_id=ids("<|endoftext|>"),
+                rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0})
+    if v25:  # window attention vision tower with a merger to the text width
+        vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64, patch_size=8,
+                      spatial_merge_size=2, temporal_patch_size=2, window_size=32, fullatt_block_indexes=[1])
+    else:  # vision hidden_size == text hidden_size
+        vision = dict(depth=2, embed_dim=32, hidden_size=64, num_heads=2, mlp_ratio=2, patch_size=8,
+                      spatial_merge_size=2, temporal_patch_size=2)
+    cfg_cls, model_cls, proc_cls = ((tf.Qwen2_5_VLConfig, tf.Qwen2_5_VLForConditionalGeneration,
+                                     Qwen2_5_VLImageOnlyProcessor) if v25 else
+                                    (tf.Qwen2VLConfig, tf.Qwen2VLForConditionalGeneration, Qwen2VLImageOnlyProcessor))
+    cfg = cfg_cls(text_config=text, vision_config=vision, image_token_id=ids("<|image_pad|>"),
+                  video_token_id=ids("<|video_pad|>"), vision_start_token_id=ids("<|vision_start|>"),
+                  vision_end_token_id=ids("<|vision_end|>"))
+    model = model_cls(cfg)
+    proc = proc_cls(
         image_processor=tf.Qwen2VLImageProcessorPil(size={"shortest_edge": 16 * 16, "longest_edge": 64 * 64},
                                                     patch_size=8, temporal_patch_size=2, merge_size=2),
         tokenizer=tok, chat_template=_qwen_template("<|vision_start|><|image_pad|><|vision_end|>"))
@@ -173,13 +181,14 @@ _BUILDERS = {
     "idefics3": lambda: _idefics(False),
     "smolvlm": lambda: _idefics(True),
     "qwen2_vl": _qwen2_vl,
+    "qwen2_5_vl": lambda: _qwen2_vl(v25=True),
 }
 
 
 def build(family: str, seed: int = 0):
     """Build (model, processor) in memory, weights drawn from `seed` (fp32, eval mode)."""
     if family not in _BUILDERS:
-        raise ValueError(f"unknown tiny family {family!r}; choose from {FAMILIES}")
+        raise ValueError(f"unknown tiny family {family!r}; choose from {FAMILIES + EXTRA_FAMILIES}")
     with torch.random.fork_rng(devices=[]):  # why: do not disturb the caller's global RNG
         torch.manual_seed(seed)
         model, proc = _BUILDERS[family]()
@@ -209,7 +218,7 @@ def save(family: str, seed: int, path: str | os.PathLike) -> Path:
 def tiny_model(family: str, seed: int = 0, path: str | os.PathLike | None = None):
     """(model, processor) for a tiny `family`, loaded from disk by the session's loading code. fp32, CPU, eval."""
     if family not in _BUILDERS:
-        raise ValueError(f"unknown tiny family {family!r}; choose from {FAMILIES}")
+        raise ValueError(f"unknown tiny family {family!r}; choose from {FAMILIES + EXTRA_FAMILIES}")
     d = Path(path) if path is not None else tiny_dir(family, seed)
     if not (d / "TINY_OK").exists():
         if d.exists() and path is not None and any(d.iterdir()):

@@ -40,7 +40,7 @@ def encode_segment(proc, text, images):
 def full_forward(family, model, ids, pix, mm=None):
     ids_t = torch.tensor([ids])
     kw = dict(pix)
-    if family == "qwen2_vl":  # positions of the whole sequence, all image grids
+    if family.startswith("qwen2"):  # positions of the whole sequence, all image grids
         kw["position_ids"], _ = model.model.get_rope_index(ids_t, mm_token_type_ids=mm,
                                                            image_grid_thw=pix["image_grid_thw"])
     with torch.no_grad():
@@ -48,8 +48,14 @@ def full_forward(family, model, ids, pix, mm=None):
 
 
 def test_stream_equals_full_forward(tiny, family):
+    """Every tiny family (the `family` fixture)."""
     cfg = CacheConfig(policy="saddle", budget=1024, recent=64, window=16, max_chunk=256, max_new_tokens=8)
     _check_against_full_forward(tiny, family, cfg, "You are a robot.")
+
+
+def test_qwen2_5_vl_stream_equals_full_forward(tiny):
+    cfg = CacheConfig(policy="saddle", budget=1024, recent=64, window=16, max_chunk=256, max_new_tokens=8)
+    _check_against_full_forward(tiny, "qwen2_5_vl", cfg, "You are a robot.")
 
 
 @pytest.mark.parametrize("fam", ["llava_llama", "qwen2_vl"])
@@ -108,10 +114,11 @@ def _check_against_full_forward(tiny, family, cfg, system):
     return s, forwards
 
 
-def test_qwen2_vl_later_image_gets_mrope_positions(tiny):
+@pytest.mark.parametrize("fam", ["qwen2_vl", "qwen2_5_vl"])
+def test_qwen2_vl_later_image_gets_mrope_positions(tiny, fam):
     """A new image in a later chunk: the session's explicit (3, 1, q) positions == get_rope_index over the whole
     sequence with all image grids (absolute positions mode, nothing evicted)."""
-    model, proc = tiny("qwen2_vl")
+    model, proc = tiny(fam)
     cfg = CacheConfig(policy="full", budget=1024, recent=0, positions="absolute", max_chunk=256, max_new_tokens=8)
     s = make_session(model, proc, cfg, trace=True)
     seen = []

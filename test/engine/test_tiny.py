@@ -5,7 +5,7 @@ import pytest
 import torch
 from PIL import Image
 
-from infmllm_ros.engine.tiny import FAMILIES, build, tiny_model
+from infmllm_ros.engine.tiny import EXTRA_FAMILIES, FAMILIES, build, tiny_model
 
 
 def _inputs(proc, seed=0):
@@ -16,7 +16,7 @@ def _inputs(proc, seed=0):
                                     return_tensors="pt")
 
 
-@pytest.fixture(scope="module", params=FAMILIES)
+@pytest.fixture(scope="module", params=FAMILIES + EXTRA_FAMILIES)
 def family_model(request):
     model, proc = tiny_model(request.param, seed=0)
     return request.param, model, proc
