@@ -74,3 +74,31 @@ def test_family_streams_through_the_bounded_cache(family):
     out = _stream(model, small, inputs, text)
     assert torch.isfinite(out).all() and small.stored == 12 and small.evictions == 2 and small.seen == n
     assert small.next_position <= 12 + 96
+
+
+@pytest.mark.parametrize("family,placeholder", [("qwen2_vl", "<|vision_start|><|image_pad|><|vision_end|>"),
+                                                ("llava_llama", "<image>\n")])  # fmt: skip
+def test_new_image_in_a_later_chunk(family, placeholder):
+    """Check of truth 4: a second image arriving in chunk 2 (Qwen2-VL: its own M-RoPE layout from get_rope_index,
+    shifted to cache.next_position) equals the full-sequence forward with both images."""
+    model, proc = tiny.build(family)
+    attention.install(model)
+    first, _ = _inputs(proc)
+    img2 = Image.fromarray((np.random.RandomState(1).rand(40, 60, 3) * 255).astype("uint8"))
+    second = dict(proc(text=[placeholder + " What changed?"], images=[img2], return_tensors="pt"))
+    second.pop("attention_mask")
+    cache = BoundedCache(CacheConfig(policy="h2o", budget=128, recent=8, max_chunk=96, max_new_tokens=0), model.config)
+    outs = []
+    with torch.no_grad():
+        for chunk in (first, second):
+            ids = chunk["input_ids"]
+            pos = _positions(model, ids, cache, chunk)
+            kw = {k: v for k, v in chunk.items() if k not in ("input_ids", "mm_token_type_ids")}
+            cache.begin_forward(pos, prefill=True)
+            outs.append(model(input_ids=ids, position_ids=pos, cache=cache, use_cache=True, **kw,
+                              **cache.forward_kwargs()).logits)  # fmt: skip
+            cache.end_chunk()
+        full = {k: torch.cat([first[k], second[k]], 1 if k in ("input_ids", "mm_token_type_ids") else 0)
+                for k in first}  # fmt: skip
+        want = model(**full).logits
+    assert (torch.cat(outs, 1) - want).abs().max().item() < 1e-5
