@@ -65,11 +65,14 @@ SIZES = {
 class TrainConfig:
     minutes: float = 45.0
     size: str = "default"
-    batch: int = 16
+    tokens_per_batch: int = 3000  # padded tokens per step; every stream in a step has the same number of frames
+    max_batch: int = 64
     lr: float = 2e-3
     weight_decay: float = 0.01
-    max_frames: int = 16  # frames per training stream (uniform 1..max_frames)
-    max_questions: int = 3
+    max_frames: int = 12  # frames per training stream: short_share of steps use 1..short_frames, the rest more
+    short_frames: int = 3
+    short_share: float = 0.5
+    max_questions: int = 4
     seed: int = 0
     threads: int = 2
     max_steps: int | None = None
@@ -221,10 +224,15 @@ class Encoder:
         return Sample(ids, labels, images)
 
 
-def training_sample(rng: np.random.Generator, enc: Encoder, cfg: TrainConfig) -> Sample:
+def frames_for_step(rng: np.random.Generator, cfg: TrainConfig) -> int:
+    if cfg.max_frames <= cfg.short_frames or rng.random() < cfg.short_share:
+        return int(rng.integers(1, min(cfg.short_frames, cfg.max_frames) + 1))
+    return int(rng.integers(cfg.short_frames + 1, cfg.max_frames + 1))
+
+
+def training_sample(rng: np.random.Generator, enc: Encoder, cfg: TrainConfig, n: int) -> Sample:
     while True:
         seed = int(rng.integers(TRAIN_SEED_BASE, 2**31 - 1))
-        n = int(rng.integers(1, cfg.max_frames + 1))
         ep = world.make_episode(seed, n, int(rng.integers(1, cfg.max_questions + 1)))
         if ep.events:
             last = max(e.frame for e in ep.events)
@@ -269,7 +277,7 @@ def train(cfg: TrainConfig, out: str | os.PathLike | None = None, log=print) -> 
                             lr=cfg.lr, betas=(0.9, 0.98))
     box = cfg.minutes * 60.0
     t0 = time.monotonic()
-    losses, history, step = [], [], 0
+    losses, history, step, tokens = [], [], 0, 0
     while True:
         elapsed = time.monotonic() - t0
         frac = elapsed / box if cfg.max_steps is None else step / cfg.max_steps
@@ -277,7 +285,12 @@ def train(cfg: TrainConfig, out: str | os.PathLike | None = None, log=print) -> 
             break
         for g in opt.param_groups:
             g["lr"] = lr_at(frac, cfg.lr)
-        batch = collate([training_sample(rng, enc, cfg) for _ in range(cfg.batch)], enc, proc.tokenizer.pad_token_id)
+        n, samples = frames_for_step(rng, cfg), []
+        while len(samples) < cfg.max_batch and (len(samples) + 1) * max(
+                [len(x.ids) for x in samples] + [0]) < cfg.tokens_per_batch:
+            samples.append(training_sample(rng, enc, cfg, n))
+        batch = collate(samples, enc, proc.tokenizer.pad_token_id)
+        tokens += batch["input_ids"].numel()
         loss = model(**batch).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -287,8 +300,10 @@ def train(cfg: TrainConfig, out: str | os.PathLike | None = None, log=print) -> 
         step += 1
         if step % cfg.log_every == 0:
             mean = float(np.mean(losses[-cfg.log_every:]))
-            history.append({"step": step, "seconds": round(time.monotonic() - t0, 1), "loss": round(mean, 4)})
-            log(f"step {step:6d}  {history[-1]['seconds']:7.1f}s  loss {mean:.4f}  lr {opt.param_groups[0]['lr']:.2e}")
+            history.append({"step": step, "seconds": round(time.monotonic() - t0, 1), "loss": round(mean, 4),
+                            "tokens": tokens})
+            log(f"step {step:6d}  {history[-1]['seconds']:7.1f}s  loss {mean:.4f}  lr {opt.param_groups[0]['lr']:.2e}"
+                f"  tokens {tokens}")
     model.eval()
     record = {"steps": step, "seconds": round(time.monotonic() - t0, 1), "first_loss": losses[0] if losses else None,
               "last_loss": float(np.mean(losses[-cfg.log_every:])) if losses else None, "history": history,
@@ -392,14 +407,16 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="infmllm-bench train-vlm", description=__doc__.splitlines()[0])
     p.add_argument("--minutes", type=float, default=45.0, help="time box for training (default 45)")
     p.add_argument("--size", choices=sorted(SIZES), default="default")
-    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--tokens-per-batch", type=int, default=3000)
     p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--max-frames", type=int, default=16)
+    p.add_argument("--max-frames", type=int, default=12)
     p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps instead of the time box")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--log-every", type=int, default=20)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=str(DEFAULT_OUT), help=f"output dir (default {DEFAULT_OUT})")
     p.add_argument("--eval-seeds", type=int, default=20, help="held-out episodes evaluated after training (0: none)")
+    p.add_argument("--eval-frames", type=int, default=16, help="frames per held-out episode")
     p.add_argument("--eval-only", metavar="MODEL_DIR", help="only evaluate a saved model")
     p.add_argument("--json", help="write the evaluation here")
     a = p.parse_args(argv)
@@ -407,7 +424,8 @@ def main(argv=None) -> int:
     if a.eval_only:
         model_dir = a.eval_only
     else:
-        cfg = TrainConfig(minutes=a.minutes, size=a.size, batch=a.batch, lr=a.lr, max_frames=a.max_frames,
+        cfg = TrainConfig(minutes=a.minutes, size=a.size, tokens_per_batch=a.tokens_per_batch, lr=a.lr,
+                          max_frames=a.max_frames, log_every=a.log_every,
                           seed=a.seed, threads=a.threads, max_steps=a.max_steps)
         res = train(cfg, a.out)
         model_dir = a.out
@@ -415,7 +433,7 @@ def main(argv=None) -> int:
               f"{res['last_loss']}; {res['parameters']} parameters; saved to {model_dir}")
     if a.eval_seeds:
         t0 = time.monotonic()
-        ev = evaluate(model_dir, range(EVAL_SEED_BASE, EVAL_SEED_BASE + a.eval_seeds))
+        ev = evaluate(model_dir, range(EVAL_SEED_BASE, EVAL_SEED_BASE + a.eval_seeds), n_frames=a.eval_frames)
         print(f"evaluation on {a.eval_seeds} held-out episodes ({ev['n']} questions, {time.monotonic() - t0:.0f} s):")
         for name in ("kinds", "templates", "distance"):
             for k, r in ev[name].items():

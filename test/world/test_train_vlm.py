@@ -67,7 +67,8 @@ def test_training_ids_equal_what_the_session_feeds(tiny):
 
 @pytest.mark.slow
 def test_short_training_run_learns_saves_and_reloads(tmp_path):
-    cfg = tv.TrainConfig(size="tiny", max_steps=60, batch=8, max_frames=3, max_questions=2, lr=5e-3, log_every=5)
+    cfg = tv.TrainConfig(size="tiny", max_steps=60, tokens_per_batch=500, max_frames=3, short_frames=1,
+                         max_questions=2, lr=5e-3, log_every=5)
     res = tv.train(cfg, tmp_path / "m", log=lambda *_: None)
     assert res["steps"] == 60
     losses = [h["loss"] for h in res["history"]]
