@@ -31,4 +31,5 @@ class Qwen2VLAdapter(Adapter):
         factor = ip.patch_size * ip.merge_size
         size = ip.size if isinstance(ip.size, dict) else {}
         max_pixels = size.get("longest_edge") or getattr(ip, "max_pixels", None) or 448 * 448
-        return factor, int(math.isqrt(int(max_pixels)))
+        # why 448: real checkpoints allow ~3584 px sides (thousands of tokens); a stream wants <= ~256 per frame
+        return factor, min(448, int(math.isqrt(int(max_pixels))))
