@@ -168,6 +168,58 @@ def read_all(path: str | Path) -> list[tuple[str, str, int, object]]:
         reader.close()
 
 
+IMAGE_TYPES = ("sensor_msgs/msg/Image", "sensor_msgs/msg/CompressedImage")
+
+
+def stream(path: str | Path, image_topic: str | None = None, instruction_topic: str | None = None) -> Iterator[tuple]:
+    """A camera + instruction bag as ('frame', stamp_s, rgb HxWx3 uint8) and ('instruction', log time s, text),
+    in bag order, without ROS: what a demo or benchmark feeds a StreamingSession. Topics default to the only
+    image topic and the only std_msgs/String topic of the bag. rgb8/bgr8/mono8 raw images and JPEG/PNG
+    compressed images are decoded."""
+    reader = open_reader(path)
+    try:
+        image_topic = image_topic or _only(reader, IMAGE_TYPES, "image")
+        instruction_topic = instruction_topic or _only(reader, ("std_msgs/msg/String",), "instruction")
+        conns = [c for c in reader.connections if c.topic in (image_topic, instruction_topic)]
+        for conn, t_ns, raw in iter_messages(reader, conns):
+            msg = deserialize(raw, conn.msgtype)
+            if conn.topic == instruction_topic:
+                yield "instruction", t_ns / 1e9, msg.data
+            else:
+                yield "frame", msg.header.stamp.sec + msg.header.stamp.nanosec * 1e-9, to_rgb(msg)
+    finally:
+        reader.close()
+
+
+def _only(reader, msgtypes, what: str) -> str | None:
+    topics = sorted({c.topic for c in reader.connections if c.msgtype in msgtypes})
+    if len(topics) > 1:
+        raise BagError(f"bag has several {what} topics {topics}: choose one")
+    return topics[0] if topics else None
+
+
+def to_rgb(msg):
+    """rosbags Image / CompressedImage -> RGB uint8 (H, W, 3) numpy array."""
+    import numpy as np
+
+    if hasattr(msg, "format"):  # CompressedImage
+        import io
+
+        from PIL import Image
+
+        return np.asarray(Image.open(io.BytesIO(bytes(msg.data))).convert("RGB"))
+    channels = {"rgb8": 3, "bgr8": 3, "mono8": 1}.get(msg.encoding)
+    if channels is None:
+        raise BagError(f"image encoding {msg.encoding!r} not supported here (rgb8, bgr8, mono8)")
+    rows = np.asarray(msg.data, np.uint8).reshape(msg.height, msg.step)
+    img = rows[:, : msg.width * channels].reshape(msg.height, msg.width, channels)
+    if msg.encoding == "bgr8":
+        img = img[:, :, ::-1]
+    elif channels == 1:
+        img = np.repeat(img, 3, axis=2)
+    return np.ascontiguousarray(img)
+
+
 def bag_size(path: str | Path) -> int:
     path = Path(path)
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else path.stat().st_size

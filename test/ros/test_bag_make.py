@@ -110,3 +110,17 @@ def test_errors_are_one_line(tmp_path, vtest, args, words):
     proc = rs.run("infmllm-make-bag", *[a.format(**paths) for a in args], domain=0)
     assert words in rs.one_line_error(proc, "infmllm-make-bag")
     assert not (tmp_path / "out").exists()
+
+
+def test_stream_for_demos(tmp_path, native_frames):
+    """bag.stream(): the ROS-free view a demo feeds a session (frames as RGB arrays, instructions as text)."""
+    raw = rs.make_video_bag(tmp_path / "raw", "--resize", "160x120", "--max-frames", 12)
+    jpeg = rs.make_video_bag(tmp_path / "jpeg", "--resize", "160x120", "--max-frames", 12, "--compressed")
+    items = list(bag.stream(raw))
+    assert [k for k, _, _ in items] == ["frame"] * 6 + ["instruction"] + ["frame"] * 6 + ["instruction"] * 2
+    frames = [(t, rgb) for k, t, rgb in items if k == "frame"]
+    assert [t for t, _ in frames] == pytest.approx([START + i / 10 for i in range(12)])
+    assert all(np.array_equal(rgb, native_frames[i]) for i, (_, rgb) in enumerate(frames))
+    assert items[6][1:] == (pytest.approx(START + 0.55), "What is in front of the robot?")
+    decoded = [rgb for k, _, rgb in bag.stream(jpeg) if k == "frame"]
+    assert len(decoded) == 12 and np.abs(decoded[3].astype(int) - native_frames[3]).mean() < 6
