@@ -486,7 +486,7 @@ TEMPLATES = {
 }
 
 
-def ask(frames: list[Frame], now: int, kind: str, rng: np.random.Generator, fps: float = FPS) -> Event | None:
+def ask(frames: list[Frame], now: int, kind: str, rng: np.random.Generator) -> Event | None:
     """One question of `kind` after frame `now`, or None when no template of that kind applies there."""
     h = _History(frames, now)
     names = list(TEMPLATES[kind])
@@ -511,7 +511,7 @@ def make_episode(seed: int, n_frames: int, n_questions: int, fps: float = FPS,
     for q in range(n_questions):
         kind = order[q % len(order)]
         for _ in range(20):
-            ev = ask(frames, int(rng.integers(n_frames)), kind, rng, fps)
+            ev = ask(frames, int(rng.integers(n_frames)), kind, rng)
             if ev is not None:
                 events.append(ev)
                 break

@@ -366,7 +366,7 @@ def _bucket(d: int | None) -> str:
     return "0" if d == 0 else "1-2" if d <= 2 else "3-5" if d <= 5 else "6-10" if d <= 10 else "11+"
 
 
-def evaluate(model_dir, seeds, kinds=world.KINDS, n_frames: int = 16, n_questions: int = 6, model=None,
+def evaluate(model_dir, seeds, kinds=world.KINDS, n_frames: int = 12, n_questions: int = 6, model=None,
              proc=None) -> dict:
     """Exact-match accuracy (after normalize_answer) per kind, per template and per distance bucket on the episodes
     `make_episode(seed, n_frames, n_questions, kinds=kinds)`; `majority` is the accuracy of always giving the most
@@ -416,7 +416,7 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=str(DEFAULT_OUT), help=f"output dir (default {DEFAULT_OUT})")
     p.add_argument("--eval-seeds", type=int, default=20, help="held-out episodes evaluated after training (0: none)")
-    p.add_argument("--eval-frames", type=int, default=16, help="frames per held-out episode")
+    p.add_argument("--eval-frames", type=int, default=12, help="frames per held-out episode (training max: 12)")
     p.add_argument("--eval-only", metavar="MODEL_DIR", help="only evaluate a saved model")
     p.add_argument("--json", help="write the evaluation here")
     a = p.parse_args(argv)

@@ -104,3 +104,25 @@ def test_short_training_run_learns_saves_and_reloads(tmp_path):
     assert ev["n"] >= 4 and set(ev["kinds"]) <= set(world.KINDS)
     for row in ev["kinds"].values():
         assert 0.0 <= row["accuracy"] <= 1.0 and 0.0 < row["majority"] <= 1.0
+
+
+def test_evaluate_scores_exact_matches(tiny, monkeypatch):
+    model, proc, _ = tiny
+    seeds = [0, 1, 2]
+    truth = {}
+    for seed in seeds:
+        ep = world.make_episode(seed, 8, 6)
+        for e in ep.events:
+            truth[(ep.frames[e.frame].rgb.tobytes(), e.question)] = e.answer
+    def right(m, p, frames, q, enc):  # true, in other spelling: " A RED BALL. " / spaced-out JSON
+        a = truth[(frames[-1].rgb.tobytes(), q)]
+        return json.dumps(json.loads(a), indent=1) if a.startswith("{") else f" {a.upper()}. "
+
+    monkeypatch.setattr(tv, "answer", right)
+    ev = tv.evaluate(None, seeds, n_frames=8, n_questions=6, model=model, proc=proc)
+    assert ev["n"] == sum(len(world.make_episode(s, 8, 6).events) for s in seeds)
+    assert all(row["accuracy"] == 1.0 for row in ev["kinds"].values()), ev
+    monkeypatch.setattr(tv, "answer", lambda m, p, frames, q, enc: "a red ball")
+    ev = tv.evaluate(None, seeds, n_frames=8, n_questions=6, model=model, proc=proc)
+    assert ev["kinds"]["action"]["accuracy"] == 0.0
+    assert 0.0 < ev["templates"]["action/stop"]["majority"] == 1.0
