@@ -1,6 +1,12 @@
 """Engine: StreamingSession over transformers VLMs, one adapter per family, tiny offline models for tests."""
 
-from infmllm_ros.engine.errors import InsufficientMemoryError, InvalidFrameError, InvalidInstructionError
+from infmllm_ros.engine.errors import (
+    CacheFullError,
+    InsufficientMemoryError,
+    InvalidFrameError,
+    InvalidInstructionError,
+)
 from infmllm_ros.engine.session import Answer, StreamingSession
 
-__all__ = ["Answer", "InsufficientMemoryError", "InvalidFrameError", "InvalidInstructionError", "StreamingSession"]
+__all__ = ["Answer", "CacheFullError", "InsufficientMemoryError", "InvalidFrameError", "InvalidInstructionError",
+           "StreamingSession"]

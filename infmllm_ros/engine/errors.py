@@ -11,3 +11,8 @@ class InvalidInstructionError(ValueError):
 
 class InsufficientMemoryError(MemoryError):
     """Weights + KV budget do not fit the device; raised at start-up, before anything is allocated."""
+
+
+class CacheFullError(RuntimeError):
+    """A non-evicting cache (policy "full") has no room for the next chunk + answer; nothing was fed. reset() or
+    use an evicting policy / a larger budget."""

@@ -18,7 +18,7 @@ import torch
 
 from infmllm_ros.engine import frames, kv, loading, memory
 from infmllm_ros.engine.adapters import Chunk, adapter_for
-from infmllm_ros.engine.errors import InvalidFrameError, InvalidInstructionError
+from infmllm_ros.engine.errors import CacheFullError, InvalidFrameError, InvalidInstructionError
 from infmllm_ros.engine.kv import CacheConfig
 from infmllm_ros.engine.sampling import choose, mask_logits
 
@@ -32,7 +32,7 @@ class Answer:
     frame_stamp: float | None  # stamp of the newest frame in the cache when the question was asked
     latency_s: float  # question prefill + decoding
     cache: dict  # cache stats after the answer
-    finish_reason: str = "length"  # "eos" | "stop" | "length"
+    finish_reason: str = "length"  # "eos" | "stop" | "length" | "cache_full" (policy "full" ran out of slots)
     first_token_s: float = 0.0  # question prefill + first token choice
     logits: torch.Tensor | None = None  # (n_tokens, vocab) raw logits per step, only with output_logits=True
 
@@ -136,7 +136,7 @@ class StreamingSession:
             raise InvalidInstructionError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         if max_new_tokens > self.cfg.max_new_tokens:
             warnings.warn(f"max_new_tokens {max_new_tokens} > cache max_new_tokens {self.cfg.max_new_tokens}; "
-                          "clipped", stacklevel=2)
+                          "clipped", stacklevel=3)  # 3: past the inference_mode wrapper
             max_new_tokens = self.cfg.max_new_tokens
         stops = [s for s in (stop or []) if s]
         open_, close_ = self.adapter.question_wrap()
@@ -149,7 +149,7 @@ class StreamingSession:
         if len(user) > room:
             self.counters.truncations += 1
             warnings.warn(f"instruction of {len(user)} tokens truncated to {room} (cache max_chunk "
-                          f"{self.cfg.max_chunk})", stacklevel=2)
+                          f"{self.cfg.max_chunk})", stacklevel=3)
             user = user[:room]
         if seed is not None:
             self.generator.manual_seed(seed)
@@ -176,6 +176,8 @@ class StreamingSession:
                 i = text_out.find(s)
                 if i >= 0:
                     text_out, finish = text_out[:i], "stop"
+            if finish == "length" and len(tokens) < max_new_tokens and self._free_slots() < 1:
+                finish = "cache_full"  # only a non-evicting cache gets here
             done = finish != "length" or len(tokens) >= max_new_tokens
             if on_token is not None:
                 safe = len(text_out) if done else _safe_end(text_out, stops)
@@ -236,6 +238,10 @@ class StreamingSession:
             raise InvalidInstructionError("instruction is empty or whitespace only")
         return self.adapter.encode_user(clean)
 
+    def _free_slots(self) -> int:
+        # Evicting policies always leave room (stored <= budget after each chunk); "full" can run out.
+        return self.cfg.capacity - int(self.cache.stored)
+
     def _truncate(self, ids: list[int], limit: int, what: str) -> list[int]:
         if len(ids) > limit:
             warnings.warn(f"{what} of {len(ids)} tokens truncated to cache max_chunk {limit}", stacklevel=3)
@@ -257,6 +263,10 @@ class StreamingSession:
             self._prefill(Chunk(ids=ids, mm_token_type_ids=torch.zeros_like(ids)))
 
     def _prefill(self, chunk: Chunk) -> torch.Tensor:
+        if chunk.length > self._free_slots():
+            raise CacheFullError(
+                f"the cache holds {int(self.cache.stored)} of {self.cfg.capacity} slots and the next chunk needs "
+                f"{chunk.length}: policy {self.cfg.policy!r} did not evict; call reset() or use an evicting policy")
         self._pending = []
         ids = chunk.ids.to(self.device)
         pos = self.adapter.positions(Chunk(ids, chunk.model_kwargs, chunk.mm_token_type_ids), self.cache.next_position)

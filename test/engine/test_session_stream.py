@@ -1,10 +1,12 @@
 """A long stream on a small budget: storage, positions and per-frame work stay bounded; answers still come back;
 frames are encoded exactly once."""
 
+import pytest
 import torch
 from engine_helpers import frame, make_session
 
 from infmllm_ros.cache import CacheConfig
+from infmllm_ros.engine import CacheFullError
 
 N_FRAMES = 300
 
@@ -47,3 +49,46 @@ def test_300_frames_bounded(tiny, family):
     assert max(attended) - min(attended) <= 1  # +1: the time marker grows a digit ("t=9.9s" -> "t=10.0s")
     assert len({r["kv_bytes"] for r in rows}) == 1  # static buffers
     assert rows[-1]["cache"]["evictions"] >= N_FRAMES - 10
+
+
+@pytest.mark.parametrize("policy", ["saddle", "streaming_llm", "h2o"])
+@pytest.mark.parametrize("fam", ["llava_onevision", "qwen2_vl"])
+def test_every_policy_through_the_session(tiny, fam, policy):
+    model, proc = tiny(fam)
+    cfg = CacheConfig(policy=policy, budget=80, recent=24, window=8, sinks=4, max_chunk=128, max_new_tokens=6)
+    s = make_session(model, proc, cfg)
+    for i in range(25):
+        s.observe(frame(i % 5, 16, 16), i * 0.2)
+        if policy != "full":
+            assert s.stats()["tokens_stored"] <= cfg.budget
+    a = s.ask("What changed?", max_new_tokens=5, output_logits=True)
+    s.observe(frame(9, 16, 16), 9.0)
+    b = s.ask("And now?", max_new_tokens=5, output_logits=True)
+    assert torch.isfinite(a.logits).all() and torch.isfinite(b.logits).all()
+    st = s.stats()
+    assert st["tokens_seen"] > cfg.budget
+    assert st["tokens_stored"] <= cfg.budget + 5 - 1
+
+
+def test_full_policy_runs_out_cleanly(tiny):
+    """policy "full" never evicts: the answer stops at "cache_full" when the buffers fill, a chunk that does not fit
+    is refused before anything is fed (CacheFullError, nothing changed), and reset() recovers."""
+    model, proc = tiny("qwen2_vl")
+    cfg = CacheConfig(policy="full", budget=60, recent=0, sinks=0, max_chunk=40, max_new_tokens=20)
+    s = make_session(model, proc, cfg)
+    for i in range(5):
+        s.observe(frame(i, 16, 16), i)
+    a = s.ask("Go", max_new_tokens=20)
+    assert a.finish_reason == "cache_full" and len(a.tokens) < 20
+    assert s.stats()["tokens_stored"] == cfg.capacity
+    before = s.stats()
+    with pytest.raises(CacheFullError, match="reset"):
+        s.observe(frame(1, 16, 16), 30.0)
+    with pytest.raises(CacheFullError):
+        s.ask("Go on", max_new_tokens=5)
+    after = s.stats()
+    assert (after["tokens_seen"], after["frames_seen"], after["questions"]) == \
+        (before["tokens_seen"], before["frames_seen"], before["questions"])
+    s.reset()
+    s.observe(frame(1, 16, 16), 0.0)
+    assert len(s.ask("Go", max_new_tokens=3).tokens) == 3
