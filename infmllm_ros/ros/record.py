@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 from infmllm_ros.ros import bag
-from infmllm_ros.ros.replay import QOS_CHOICES, qos_profile, split_ros_args
+from infmllm_ros.ros.replay import QOS_CHOICES, qos_profile, split_ros_args, start_ros
 
 
 def parse_topic(spec: str) -> tuple[str, str | None]:
@@ -85,10 +85,8 @@ def _record(args, ros_args, specs: dict, stop: _Stop) -> int:
     import rclpy
     from rclpy.executors import SingleThreadedExecutor
     from rclpy.parameter import Parameter
-    from rclpy.signals import SignalHandlerOptions
 
-    rclpy.init(args=ros_args or None, signal_handler_options=SignalHandlerOptions.NO)
-    node = rclpy.create_node("infmllm_record", parameter_overrides=[
+    node = start_ros(ros_args, "infmllm_record", parameter_overrides=[
         Parameter("use_sim_time", Parameter.Type.BOOL, True)] if args.use_sim_time else [])
     executor = SingleThreadedExecutor()
     executor.add_node(node)

@@ -9,6 +9,7 @@ nodes started with use_sim_time:=true follow the bag. Exit status: 0 done, 1 bad
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 import time
@@ -34,6 +35,23 @@ def split_ros_args(argv: list[str]) -> tuple[list[str], list[str]]:
         i = argv.index("--ros-args")
         return argv[:i], argv[i:]
     return argv, []
+
+
+def start_ros(ros_args: list[str], node_name: str, **node_kwargs):
+    """rclpy.init (our own signal handlers stay in charge) + a node; a bad --ros-args or domain is a BagError."""
+    import rclpy
+    from rclpy.signals import SignalHandlerOptions
+
+    domain = os.environ.get("ROS_DOMAIN_ID", "").strip()
+    if domain and not (domain.isdigit() and int(domain) <= 232):  # Fast DDS would exit(1) with no message of ours
+        raise bag.BagError(f"ROS_DOMAIN_ID={domain!r} is not a domain id from 0 to 232")
+    try:
+        rclpy.init(args=ros_args or None, signal_handler_options=SignalHandlerOptions.NO)
+        return rclpy.create_node(node_name, **node_kwargs)
+    except Exception as exc:
+        rclpy.try_shutdown()
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise bag.BagError(f"cannot start ROS: {first.split(', at /')[0]}") from None
 
 
 def parse_remaps(items: list[str] | None) -> dict[str, str]:
@@ -169,7 +187,8 @@ def main(argv: list[str] | None = None) -> int:
         _install_signals(stop)
         return _play(reader, chosen, args, ros_args, stop)
     except bag.BagError as exc:
-        print(f"\ninfmllm-replay: error: {exc}", file=sys.stderr)
+        newline = "\n" if sys.stderr.isatty() else ""  # end a progress line cut short
+        print(f"{newline}infmllm-replay: error: {exc}", file=sys.stderr)
         return 1
     finally:
         reader.close()
@@ -178,10 +197,8 @@ def main(argv: list[str] | None = None) -> int:
 def _play(reader, chosen, args, ros_args, stop: _Stop) -> int:
     import rclpy
     from rclpy.duration import Duration
-    from rclpy.signals import SignalHandlerOptions
 
-    rclpy.init(args=ros_args or None, signal_handler_options=SignalHandlerOptions.NO)
-    node = rclpy.create_node("infmllm_replay")
+    node = start_ros(ros_args, "infmllm_replay")
     try:
         qos = qos_profile(args.qos, args.depth)
         pubs, by_conn = {}, {}

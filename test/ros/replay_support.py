@@ -100,11 +100,13 @@ def stamp_ns(msg) -> int:
     return msg.header.stamp.sec * 10**9 + msg.header.stamp.nanosec
 
 
-def one_line_error(proc: subprocess.CompletedProcess, prog: str) -> str:
-    """Assert a clean failure: non-zero exit, no traceback, a single 'prog: error: ...' line; return it."""
+def one_line_error(proc: subprocess.CompletedProcess, prog: str, ros_log_ok: bool = False) -> str:
+    """Assert a clean failure: non-zero exit, no traceback, a single 'prog: error: ...' line; return it.
+    ros_log_ok: also allow rcl's own '[ERROR] [...] [rcl]: ...' log lines (printed before rclpy raises)."""
     assert proc.returncode not in (0, None), proc
     assert "Traceback" not in proc.stderr, proc.stderr
-    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    lines = [line for line in proc.stderr.splitlines() if line.strip()
+             and not (ros_log_ok and line.startswith("[ERROR] [") and "[rcl]" in line)]
     assert len(lines) == 1 and lines[0].startswith(f"{prog}: error: "), proc.stderr
     return lines[0]
 

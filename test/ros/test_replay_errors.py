@@ -1,6 +1,7 @@
 """Bad bags and bad arguments: one clear error line, non-zero exit, no traceback (infmllm-replay, infmllm-record)."""
 
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -130,4 +131,17 @@ def test_bad_record_arguments(tmp_path, args, words, code):
     proc = rs.run("infmllm-record", *args, domain=DOMAIN, timeout=60)
     line = rs.one_line_error(proc, "infmllm-record")
     assert proc.returncode == code and words in line, line
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("name, args", [("infmllm-replay", ["--rate", "0"]),
+                                        ("infmllm-record", ["--topics", "/a:std_msgs/msg/String"])])
+def test_bad_ros_setup(tmp_path, good, name, args):
+    target = good["mcap"] if name == "infmllm-replay" else tmp_path / "out"
+    line = rs.one_line_error(rs.run(name, target, *args, "--ros-args", "-r", "nonsense", domain=DOMAIN), name,
+                             ros_log_ok=True)
+    assert "cannot start ROS" in line and "remap rule" in line
+    proc = subprocess.run(rs.command(name) + [str(target), *args], env=rs.env(DOMAIN) | {"ROS_DOMAIN_ID": "999"},
+                          capture_output=True, text=True, timeout=60)
+    assert "not a domain id from 0 to 232" in rs.one_line_error(proc, name)
     assert not (tmp_path / "out").exists()
