@@ -104,6 +104,7 @@ class StreamingSession:
     def observe(self, frame, stamp: float) -> int:
         """Prefill one camera frame (HxWx3 uint8 RGB; see frames.py for accepted variants). Returns its token count."""
         t0 = time.perf_counter()
+        self._check_usable()
         if isinstance(stamp, bool) or not isinstance(stamp, (int, float)) or not math.isfinite(stamp):
             raise InvalidFrameError(f"stamp must be a finite number of seconds, got {stamp!r}")
         img = frames.fit(frames.to_rgb(frame), self.frame_min_side, self.frame_max_side)
@@ -129,6 +130,7 @@ class StreamingSession:
             output_logits: bool = False) -> Answer:
         """Prefill the question as one chunk, then decode. Greedy at temperature 0, else top-p sampling."""
         t0 = time.perf_counter()
+        self._check_usable()
         user = self._check_instruction(text)
         if temperature < 0 or not 0.0 < top_p <= 1.0:
             raise InvalidInstructionError(f"need temperature >= 0 and 0 < top_p <= 1, got {temperature}, {top_p}")
@@ -160,39 +162,42 @@ class StreamingSession:
 
         tokens: list[int] = []
         steps: list[torch.Tensor] = []
-        emitted, finish, text_out, first_token_s = 0, "length", "", 0.0
-        while True:
-            if output_logits:
-                steps.append(logits.float().cpu())
-            allowed = allowed_tokens_fn(list(tokens)) if allowed_tokens_fn is not None else None
-            tok = choose(mask_logits(logits, self.suppress, allowed), temperature, top_p, self.generator)
-            tokens.append(tok)
-            if len(tokens) == 1:
-                first_token_s = time.perf_counter() - t0
-            text_out = self.tokenizer.decode(tokens, skip_special_tokens=True)
-            if tok in self.eos_ids:
-                finish = "eos"
-            for s in stops:
-                i = text_out.find(s)
-                if i >= 0:
-                    text_out, finish = text_out[:i], "stop"
-            if finish == "length" and len(tokens) < max_new_tokens and self._free_slots() < 1:
-                finish = "cache_full"  # only a non-evicting cache gets here
-            done = finish != "length" or len(tokens) >= max_new_tokens
-            if on_token is not None:
-                safe = len(text_out) if done else _safe_end(text_out, stops)
-                if safe > emitted:
-                    on_token(text_out[emitted:safe])
-                    emitted = safe
-            if done:
-                break
-            logits = self._decode_one(tok)  # fed tokens stay in the cache; no eviction per token
-
-        # The last chosen token is fed with the next chunk, together with the turn's closing text.
-        close = self.adapter.encode(self.adapter.close_text())
-        if tokens[-1] in self.eos_ids and close[:1] == [tokens[-1]]:
-            close = close[1:]
-        self._pending = [tokens[-1]] + close
+        emitted, finish, text_out, first_token_s, n_fed = 0, "length", "", 0.0, 0
+        try:
+            while True:
+                if output_logits:
+                    steps.append(logits.float().cpu())
+                allowed = allowed_tokens_fn(list(tokens)) if allowed_tokens_fn is not None else None
+                tok = choose(mask_logits(logits, self.suppress, allowed), temperature, top_p, self.generator)
+                tokens.append(tok)
+                if len(tokens) == 1:
+                    first_token_s = time.perf_counter() - t0
+                text_out = self.tokenizer.decode(tokens, skip_special_tokens=True)
+                if tok in self.eos_ids:
+                    finish = "eos"
+                for s in stops:
+                    i = text_out.find(s)
+                    if i >= 0:
+                        text_out, finish = text_out[:i], "stop"
+                if finish == "length" and len(tokens) < max_new_tokens and self._free_slots() < 1:
+                    finish = "cache_full"  # only a non-evicting cache gets here
+                done = finish != "length" or len(tokens) >= max_new_tokens
+                if on_token is not None:
+                    safe = len(text_out) if done else _safe_end(text_out, stops)
+                    if safe > emitted:
+                        on_token(text_out[emitted:safe])
+                        emitted = safe
+                if done:
+                    break
+                logits = self._decode_one(tok)  # fed tokens stay in the cache; no eviction per token
+                n_fed += 1
+        finally:
+            # Unfed tokens (normally just the last one) + the turn's closing text go in front of the next chunk,
+            # also when a callback raised, so the conversation in the cache stays well formed.
+            close = self.adapter.encode(self.adapter.close_text())
+            if tokens and tokens[-1] in self.eos_ids and close[:1] == [tokens[-1]]:
+                close = close[1:]
+            self._pending = tokens[n_fed:] + close
         latency = time.perf_counter() - t0
         self.counters.last_answer_latency_s, self.counters.last_first_token_s = latency, first_token_s
         return Answer(text=text_out, tokens=tokens, frame_stamp=self.counters.last_stamp, latency_s=latency,
@@ -206,6 +211,7 @@ class StreamingSession:
         self.generator.manual_seed(self.seed)
         self._pending = list(self._prefix_ids)
         self.counters = _Counters()
+        self._broken: str | None = None
 
     def stats(self) -> dict:
         c, cs = self.counters, dict(self.cache.stats())
@@ -273,7 +279,11 @@ class StreamingSession:
         kwargs = {k: (v.to(self.device, self.dtype) if v.is_floating_point() else v.to(self.device))
                   if isinstance(v, torch.Tensor) else v for k, v in chunk.model_kwargs.items()}
         logits = self._forward(ids, pos.to(self.device), prefill=True, **kwargs)
-        self.cache.end_chunk()
+        try:
+            self.cache.end_chunk()
+        except BaseException as e:
+            self._broken = f"end_chunk: {type(e).__name__}: {e}"
+            raise
         if self.trace:
             self.counters.fed_ids.extend(ids[0].tolist())
         return logits
@@ -285,10 +295,19 @@ class StreamingSession:
         return self._forward(ids, self.adapter.decode_positions(self.cache.next_position, self.device), prefill=False)
 
     def _forward(self, ids, pos, prefill: bool, **kwargs) -> torch.Tensor:
-        self.cache.begin_forward(pos, prefill=prefill)
-        out = self.model(input_ids=ids, position_ids=pos, cache=self.cache, use_cache=True, logits_to_keep=1,
-                         **kwargs, **self.cache.forward_kwargs())
+        try:
+            self.cache.begin_forward(pos, prefill=prefill)
+            out = self.model(input_ids=ids, position_ids=pos, cache=self.cache, use_cache=True, logits_to_keep=1,
+                             **kwargs, **self.cache.forward_kwargs())
+        except BaseException as e:  # a forward that died half way leaves the cache inconsistent: fail closed
+            self._broken = f"{type(e).__name__}: {e}"
+            raise
         return out.logits[0, -1]
+
+    def _check_usable(self) -> None:
+        if self._broken:
+            raise RuntimeError(f"session state is inconsistent after a failed forward ({self._broken}); "
+                               "call reset()")
 
 
 def _safe_end(text: str, stops: list[str]) -> int:

@@ -92,3 +92,53 @@ def test_from_pretrained_local_dir(tiny):
     st = s.stats()
     assert st["frames_seen"] == 1 and st["questions"] == 1 and st["last_frame_tokens"] > 0
     assert st["tokens_seen"] == st["last_frame_tokens"] + len(s._prefix_ids) + st["last_question_tokens"] + 2
+
+
+def test_failed_forward_fails_closed_until_reset(tiny):
+    model, proc = tiny("llava_qwen2")
+    s = make_session(model, proc, CFG)
+    s.observe(frame(1), 0.0)
+    real = s.model.forward
+
+    def boom(*a, **k):
+        raise RuntimeError("simulated device error")
+
+    s.model.forward = boom
+    try:
+        with pytest.raises(RuntimeError, match="simulated"):
+            s.observe(frame(2), 1.0)
+    finally:
+        s.model.forward = real
+    with pytest.raises(RuntimeError, match="reset"):
+        s.ask("Go")
+    s.reset()
+    s.observe(frame(2), 1.0)
+    assert len(s.ask("Go", max_new_tokens=2).tokens) == 2
+
+
+def test_callback_error_keeps_conversation_well_formed(tiny):
+    """on_token raising mid-answer: the error reaches the caller, the tokens chosen so far stay in the
+    conversation (unfed ones + the turn closing go in front of the next chunk), and the session goes on."""
+    model, proc = tiny("qwen2_vl")
+    s = make_session(model, proc, CFG, trace=True)
+    s.observe(frame(1), 0.0)
+    seq = s.tokenizer("Stop. Go back to the door.", add_special_tokens=False)["input_ids"]
+    calls = []
+
+    def on_token(piece):
+        calls.append(piece)
+        if len(calls) == 3:
+            raise KeyError("subscriber went away")
+
+    with pytest.raises(KeyError):
+        s.ask("Go", max_new_tokens=12, allowed_tokens_fn=_forced(seq), on_token=on_token)
+    s.observe(frame(2), 1.0)
+    close = s.adapter.encode(s.adapter.close_text())
+    fed = s.fed_ids
+
+    def contains(seq_, sub):
+        return any(seq_[k: k + len(sub)] == sub for k in range(len(seq_) - len(sub) + 1))
+
+    assert len(calls) == 3  # ASCII: every token streams a piece
+    assert contains(fed, seq[:3] + close) and not contains(fed, seq[:4])
+    assert len(s.ask("Go", max_new_tokens=2).tokens) == 2
