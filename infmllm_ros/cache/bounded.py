@@ -114,10 +114,11 @@ class BoundedCache(Cache):
         q = pos.shape[1]
         if prefill and q > self.config.max_chunk:
             raise ValueError(f"prefill chunk of {q} tokens > max_chunk {self.config.max_chunk}")
-        self.decoded = 0 if prefill else self.decoded + q
-        if self.decoded > self.config.max_new_tokens:
-            raise ValueError(f"{self.decoded} tokens decoded since the last chunk > max_new_tokens "
+        decoded = 0 if prefill else self.decoded + q
+        if decoded > self.config.max_new_tokens:
+            raise ValueError(f"{decoded} tokens decoded since the last chunk > max_new_tokens "
                              f"{self.config.max_new_tokens}")  # fmt: skip
+        self.decoded = decoded
         self.chunks += int(prefill)
         self.prefill = prefill
         self.forward_id += 1

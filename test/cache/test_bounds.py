@@ -53,3 +53,6 @@ def test_hundred_thousand_tokens_keep_memory_flat():
     assert cache.seen == total and cache.get_seq_length() == total
     assert ptrs == [(la.keys.data_ptr(), la.values.data_ptr()) for la in cache.layers]  # never reallocated
     assert cache.kept_indices()[..., :4].unique().tolist() == [0, 1, 2, 3]
+    stats = cache.stats()
+    assert stats == {"seen": total, "stored": 256, "budget": 256, "capacity": 256 + chunk, "kv_bytes": kv_bytes,
+                     "evictions": total // chunk, "next_position": 256, "policy": "saddle"}  # fmt: skip
