@@ -49,6 +49,26 @@ def weight_params_on_disk(path: str | os.PathLike) -> int | None:
     return n
 
 
+def weight_params(path: str) -> int | None:
+    """Parameter count of a local dir, a hub id already in the local cache, or (online) the hub's safetensors
+    metadata; None when unknown (the KV check after loading still runs)."""
+    n = weight_params_on_disk(path)
+    if n is not None or Path(path).is_dir():
+        return n
+    try:
+        from huggingface_hub import snapshot_download
+
+        return weight_params_on_disk(snapshot_download(path, local_files_only=True))
+    except Exception:  # not cached
+        pass
+    try:
+        from huggingface_hub import get_safetensors_metadata
+
+        return int(sum(get_safetensors_metadata(path).parameter_count.values()))
+    except Exception:  # offline, or no safetensors
+        return None
+
+
 def model_bytes(model: torch.nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
 

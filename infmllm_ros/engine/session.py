@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import numbers
 import time
 import warnings
 from collections.abc import Callable
@@ -90,7 +91,7 @@ class StreamingSession:
         if check_memory:
             from transformers import AutoConfig
 
-            n_params = memory.weight_params_on_disk(path)
+            n_params = memory.weight_params(path)
             if n_params is not None:
                 elem = torch.empty((), dtype=dtype).element_size()
                 need = n_params * elem + kv.cache_class().kv_bytes_for(cfg, AutoConfig.from_pretrained(path), dtype)
@@ -105,7 +106,7 @@ class StreamingSession:
         """Prefill one camera frame (HxWx3 uint8 RGB; see frames.py for accepted variants). Returns its token count."""
         t0 = time.perf_counter()
         self._check_usable()
-        if isinstance(stamp, bool) or not isinstance(stamp, (int, float)) or not math.isfinite(stamp):
+        if isinstance(stamp, bool) or not isinstance(stamp, numbers.Real) or not math.isfinite(stamp):
             raise InvalidFrameError(f"stamp must be a finite number of seconds, got {stamp!r}")
         img = frames.fit(frames.to_rgb(frame), self.frame_min_side, self.frame_max_side)
         chunk = self.adapter.encode_images(self.adapter.frame_text(float(stamp)), [img])

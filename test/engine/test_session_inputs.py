@@ -137,3 +137,11 @@ def test_frame_larger_than_max_chunk_rejected(tiny):
     assert s.stats()["tokens_seen"] == 0
     a = s.ask("Describe the image.", max_new_tokens=2, output_logits=True)
     assert torch.isfinite(a.logits).all()
+
+
+def test_numpy_stamps_accepted(tiny):
+    model, proc = tiny("llava_llama")
+    s = make_session(model, proc, CacheConfig(**CFG))
+    s.observe(frame(1), np.float32(1.5))
+    s.observe(frame(2), np.int64(2))
+    assert s.stats()["last_stamp"] == 2.0 and s.stats()["frames_seen"] == 2
