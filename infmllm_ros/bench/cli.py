@@ -10,6 +10,10 @@ import sys
 # subcommand -> (module with a main(argv) function, one-line help)
 COMMANDS = {
     "cache-cost": ("infmllm_ros.bench.cache_cost", "per-chunk latency and KV bytes vs stream length, every policy"),
+    "train-lm": ("infmllm_ros.bench.train_lm", "train the in-house byte-level Llama on the KJV text (time-boxed)"),
+    "text": ("infmllm_ros.bench.text_ppl", "streaming perplexity of every policy vs the recompute reference"),
+    "cost": ("infmllm_ros.bench.cost", "latency, KV bytes, peak memory vs stream length, ratios to StreamingLLM"),
+    "report": ("infmllm_ros.bench.report", "regenerate docs/BENCHMARKS.md from the JSON results"),
     "train-vlm": ("infmllm_ros.bench.train_vlm", "train the embedded robot VLM on the synthetic world (time-boxed)"),
 }
 

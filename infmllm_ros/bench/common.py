@@ -1,0 +1,134 @@
+"""Shared pieces of the benchmarks: the machine, the git commit, writing results (JSON + markdown + PNG)."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+DEFAULT_OUT = REPO_ROOT / "docs" / "bench"
+ASSET_MODEL = Path(__file__).resolve().parents[1] / "assets" / "kjv_lm"
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def machine() -> dict:
+    """The machine a benchmark ran on (recorded in every results file)."""
+    import torch
+
+    gpu = None
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        gpu = {"name": props.name, "memory_gib": round(props.total_memory / 2**30, 1),
+               "count": torch.cuda.device_count()}
+    return {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "cpu": cpu_name(),
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "transformers": _version("transformers"),
+        "gpu": gpu,
+    }
+
+
+def _version(name: str) -> str | None:
+    try:
+        from importlib.metadata import version
+
+        return version(name)
+    except Exception:
+        return None
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True,
+                             timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO_ROOT,
+                               capture_output=True, text=True, timeout=10)
+        sha = out.stdout.strip() or "unknown"
+        return sha + ("-dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def describe_machine(m: dict) -> str:
+    gpu = f"{m['gpu']['name']} x{m['gpu']['count']}" if m.get("gpu") else "no GPU"
+    return (f"{m['cpu']}, {m['cores']} cores ({m['torch_threads']} torch threads), {gpu}; torch {m['torch']}, "
+            f"transformers {m['transformers']}; {m['platform']}")
+
+
+def print_machine(m: dict) -> None:
+    print(f"machine: {describe_machine(m)}", flush=True)
+
+
+def command_line(argv) -> str:
+    return "infmllm-bench " + " ".join(str(a) for a in argv)
+
+
+def md_table(header: list[str], rows: list[list]) -> str:
+    def cell(v):
+        if isinstance(v, float):
+            return f"{v:.4g}" if abs(v) < 1e5 else f"{v:.3e}"
+        return "" if v is None else str(v)
+
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def write_results(out_dir: Path | str, name: str, results: dict, markdown: str) -> dict[str, Path]:
+    """Writes <name>.json and <name>.md under out_dir; returns their paths."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out / f"{name}.json", "md": out / f"{name}.md"}
+    paths["json"].write_text(json.dumps(results, indent=1, sort_keys=False) + "\n")
+    paths["md"].write_text(markdown)
+    return paths
+
+
+def pyplot():
+    """matplotlib.pyplot with the Agg backend (no display)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident set size of this process so far (getrusage; Linux reports KiB)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
+
+
+def current_rss_bytes() -> int:
+    try:
+        pages = int(Path("/proc/self/statm").read_text().split()[1])
+        return pages * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return peak_rss_bytes()
+
+
+def pick_device(name: str | None = None):
+    import torch
+
+    if name:
+        return torch.device(name)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
