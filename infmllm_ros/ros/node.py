@@ -673,8 +673,10 @@ class InfMLLMNode(LifecycleNode):
         if self.gate is None:
             return
         if self._worker is not None and not self._worker.is_alive() and not self._stop:
-            self._session_lost = True
-            self._zero_velocity("session lost")
+            if not self._session_lost or self.gate.armed or self.gate.active:
+                self._session_lost = True
+                self._zero_velocity("session lost")
+                self.gate.set_armed(False, time.monotonic())  # stays disarmed until cleanup + configure
             return
         tw = self.gate.tick(time.monotonic())
         if tw is not None:
@@ -701,6 +703,9 @@ class InfMLLMNode(LifecycleNode):
     def _on_enable_actions(self, request, response):
         if self.gate is None:
             response.success, response.message = False, "not configured"
+            return response
+        if request.data and self._session_lost:
+            response.success, response.message = False, "session lost: cleanup and configure the node first"
             return response
         tw = self.gate.set_armed(bool(request.data), time.monotonic())
         if tw is not None:

@@ -7,7 +7,8 @@ token, like a constrained model would. Environment knobs (set by the tests on th
 
   FAKE_ASK_S       seconds each ask() keeps the CPU busy holding the GIL (pure Python loop), default 0.05
   FAKE_OBSERVE_S   same for observe(), default 0.0
-Instruction hooks: "__raise__" -> RuntimeError (session error), "__invalid__" -> ValueError (refused input).
+Instruction hooks: "__raise__" -> RuntimeError (session error), "__invalid__" -> ValueError (refused input),
+"__slow__" -> a 3 s answer in 30 pieces (to cancel), "__die__" -> SystemExit (kills the worker: session lost).
 Action prompts: the first {...} in the prompt is what the fake "wants" to write; the constraint decides.
 """
 
@@ -100,6 +101,8 @@ class FakeSession:
             raise RuntimeError("fake session failure")
         if "__invalid__" in text:
             raise ValueError("fake: instruction refused")
+        if "__die__" in text:
+            raise SystemExit("fake: the session died")
         self._add(len(text.split()))
         if allowed_tokens_fn is not None:
             m = re.search(r"\{.*?\}", text, re.S)
@@ -108,9 +111,13 @@ class FakeSession:
         else:
             out = f"answer to: {text} (frames seen {self.frames})"
             pieces = [w + " " for w in out.split(" ")]
+        ask_s = self.ask_s
+        if "__slow__" in text:
+            pieces, ask_s = [f"p{i} " for i in range(30)], 3.0
+            out = "".join(pieces)
         n = len(pieces)
         for piece in pieces:
-            _busy(self.ask_s / n)
+            _busy(ask_s / n)
             if on_token is not None:
                 on_token(piece)
         self._add(len(out.split()))

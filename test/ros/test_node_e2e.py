@@ -54,7 +54,17 @@ def _setup(c, node):
     def say(text):
         c.instr_pub.publish(String(data=text))
 
+    def drop_instruction_publisher():
+        """Before re-activating: a re-activated node must not get the old transient-local history replayed."""
+        c.node.destroy_publisher(c.instr_pub)
+
+    def new_instruction_publisher():
+        c.instr_pub = c.node.create_publisher(String, "/instruction", c.qos(depth=50, transient=True))
+        assert c.wait_for(lambda: c.instr_pub.get_subscription_count() > 0, 10)
+
     c.say = say
+    c.new_instruction_publisher = new_instruction_publisher
+    c.drop_instruction_publisher = drop_instruction_publisher
     ok = c.wait_for(lambda: not node.alive() or (
         c.got("diag") and diag_values(c.got("diag")[-1]).get("state") == "active"), 60)
     assert ok and node.alive(), f"node did not become active:\n{node.log()}"
@@ -80,7 +90,7 @@ def results(c) -> list[dict]:
 
 def result_for(c, instruction: str, timeout=20.0) -> dict:
     r = c.wait_for(lambda: [x for x in results(c) if x["instruction"] == instruction], timeout)
-    assert r, f"no result for {instruction!r}"
+    assert r, f"no result for {instruction!r}\n{c.proc.log()[-2500:]}"
     return r[-1]
 
 
@@ -235,8 +245,101 @@ def test_lifecycle_transitions(env):
     assert not [x for x in results(c) if x["instruction"] == "while inactive"]  # no subscription, no answer
     change(Transition.TRANSITION_CLEANUP)
     assert state() == "unconfigured"
+    c.drop_instruction_publisher()
     change(Transition.TRANSITION_CONFIGURE)
     change(Transition.TRANSITION_ACTIVATE)
     assert state() == "active"
-    c.say("back again")  # transient_local: the inactive-time instruction may arrive too, which is fine
+    c.new_instruction_publisher()
+    c.say("back again")
     assert result_for(c, "back again", timeout=30)["answer"].startswith("answer to: back again")
+
+
+def test_reset_cancels_a_running_generation(env):
+    from std_srvs.srv import Trigger
+
+    c = env
+    before = fresh_diag(c)
+    c.say("__slow__ tell me a long story")
+    assert c.wait_for(lambda: fresh_diag(c).get("worker_busy_s", 0) > 0, 5)
+    t = time.monotonic()
+    resp = c.call(Trigger, f"{NS}/reset", Trigger.Request())
+    took = time.monotonic() - t
+    assert resp.success and took < 2.0, (resp.message, took)  # did not wait for the 3 s answer to finish
+    d = fresh_diag(c)
+    assert d["answers_cancelled"] == before["answers_cancelled"] + 1 and d["resets"] == before["resets"] + 1
+    time.sleep(0.5)
+    assert not [x for x in results(c) if x["instruction"] == "__slow__ tell me a long story"]
+
+
+def test_use_sim_time_stamps_from_clock_latency_from_wall(env):
+    from rcl_interfaces.msg import Parameter, ParameterType, ParameterValue
+    from rcl_interfaces.srv import SetParameters
+    from rosgraph_msgs.msg import Clock
+
+    c = env
+    req = SetParameters.Request(parameters=[Parameter(
+        name="use_sim_time", value=ParameterValue(type=ParameterType.PARAMETER_BOOL, bool_value=True))])
+    assert c.call(SetParameters, f"{NS}/set_parameters", req).results[0].successful
+    clock = c.node.create_publisher(Clock, "/clock", 10)
+    stop = []
+
+    def tick():
+        sim = 5000.0
+        while not stop:
+            m = Clock()
+            m.clock.sec, m.clock.nanosec = int(sim), int((sim % 1) * 1e9)
+            clock.publish(m)
+            sim += 0.01
+            time.sleep(0.01)
+
+    import threading
+
+    th = threading.Thread(target=tick, daemon=True)
+    th.start()
+    try:
+        time.sleep(0.5)
+        c.image_pub.publish(make_image(16, 16, stamp=(5000, 42)))
+        time.sleep(0.4)
+        c.say("sim time question")
+        r = result_for(c, "sim time question")
+        assert 5000 <= r["stamp"]["sec"] < 5100  # node clock = /clock
+        assert r["frame_stamp"] == {"sec": 5000, "nanosec": 42}  # from the header
+        assert 0 < r["latency_s"] < 10  # wall clock, not the (slower) sim clock difference
+        t = time.monotonic()
+        assert c.wait_for(lambda: [m for tt, m in c.msgs["diag"] if tt > t], 5)  # diagnostics still at 1 Hz
+        assert 5000 <= c.got("diag")[-1].header.stamp.sec < 5100
+    finally:
+        stop.append(1)
+        th.join(2)
+        req.parameters[0].value.bool_value = False
+        c.call(SetParameters, f"{NS}/set_parameters", req)
+
+
+def test_session_lost_zeroes_disarms_then_recovers(env):
+    from lifecycle_msgs.msg import Transition
+    from lifecycle_msgs.srv import ChangeState
+    from std_srvs.srv import SetBool
+
+    c = env
+    assert c.call(SetBool, f"{NS}/enable_actions", SetBool.Request(data=True)).success
+    text = 'action: go {"action": "move", "linear_x": 0.1, "angular_z": 0.0, "duration": 3.0}'
+    t0 = time.monotonic()
+    c.say(text)
+    result_for(c, text)
+    c.say("__die__")
+    assert c.wait_for(lambda: fresh_diag(c).get("session_lost") is True, 10)
+    zeros = [tw for tw in twists_since(c, t0) if (tw[1], tw[2]) == (0.0, 0.0)]
+    assert zeros and zeros[0][0] - t0 < 2.5  # the watchdog stopped the 3 s motion early
+    d = fresh_diag(c)
+    assert d["_level"] == 2 and d["armed"] is False and "session lost" in d["_message"]
+    assert not c.call(SetBool, f"{NS}/enable_actions", SetBool.Request(data=True)).success  # cannot re-arm
+    c.drop_instruction_publisher()  # it would replay "__die__" to the re-activated node
+    for tid in (Transition.TRANSITION_DEACTIVATE, Transition.TRANSITION_CLEANUP, Transition.TRANSITION_CONFIGURE,
+                Transition.TRANSITION_ACTIVATE):
+        req = ChangeState.Request()
+        req.transition.id = tid
+        assert c.call(ChangeState, f"{NS}/change_state", req, timeout=60).success, tid
+    c.new_instruction_publisher()
+    c.say("recovered?")
+    assert result_for(c, "recovered?", timeout=30)["answer"].startswith("answer to: recovered?")
+    assert fresh_diag(c)["session_lost"] is False
