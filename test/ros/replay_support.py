@@ -1,6 +1,7 @@
 """Helpers for the bag / record / replay tests: run the console scripts as users do, in their own processes.
 
-Each test file passes its own ROS_DOMAIN_ID (60-69 belong to these tests) and discovery stays on localhost.
+Each test file passes its own ROS_DOMAIN_ID (`domain(offset)`: 60-69 belong to these tests) and discovery stays
+on localhost.
 """
 
 from __future__ import annotations
@@ -15,6 +16,12 @@ from pathlib import Path
 BIN = Path(sys.executable).parent
 MODULES = {"infmllm-replay": "infmllm_ros.ros.replay", "infmllm-record": "infmllm_ros.ros.record",
            "infmllm-make-bag": "infmllm_ros.ros.make_bag", "infmllm_node": "infmllm_ros.ros.node"}
+
+
+def domain(offset: int) -> int:
+    """ROS_DOMAIN_ID of one bag test module: 60 + offset (0..9), the block given to these tests; set
+    INFMLLM_BAG_DOMAIN_BASE to move the block when two test runs share a machine."""
+    return int(os.environ.get("INFMLLM_BAG_DOMAIN_BASE", 60)) + offset
 
 
 def env(domain: int) -> dict:

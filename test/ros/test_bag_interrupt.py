@@ -18,7 +18,7 @@ import replay_support as rs  # noqa: E402
 
 from infmllm_ros.ros import bag  # noqa: E402
 
-DOMAIN = 61
+DOMAIN = rs.domain(1)
 FRAMES = 50  # 5 s at 10 fps
 
 

@@ -11,7 +11,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 import replay_support as rs  # noqa: E402
 
-DOMAIN = 64
+DOMAIN = rs.domain(4)
 
 
 @pytest.fixture(scope="module")

@@ -24,7 +24,7 @@ import replay_support as rs  # noqa: E402
 
 from infmllm_ros.ros import bag  # noqa: E402
 
-DOMAIN = 63
+DOMAIN = rs.domain(3)
 BUDGET = 64
 MAX_NEW_TOKENS = 8
 RATE = 0.5  # frames 2 s apart in wall time: 1 s for the node to answer before the next frame

@@ -13,7 +13,7 @@ import replay_support as rs  # noqa: E402
 
 from infmllm_ros.ros import bag  # noqa: E402
 
-DOMAIN = 62
+DOMAIN = rs.domain(2)
 REPLAY = "infmllm-replay"
 
 

@@ -14,7 +14,7 @@ import replay_support as rs  # noqa: E402
 
 from infmllm_ros.ros import bag  # noqa: E402
 
-DOMAIN = 60
+DOMAIN = rs.domain(0)
 FRAMES = 36  # 3.5 s of vtest.avi at its native 10 fps
 
 
