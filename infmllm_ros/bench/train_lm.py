@@ -226,6 +226,8 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse(argv)
     cfg = TrainConfig(**{k: getattr(args, k) for k in asdict(TrainConfig())})
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
     m = common.machine()
     common.print_machine(m)
     text = corpus.load_text(args.text, args.data_dir)
