@@ -108,3 +108,33 @@ def test_flag_and_windows():
     assert worse.ratio_to_reference == pytest.approx(1.06) and len(worse.windows) == 10
     assert len(metrics.window_ppl(np.zeros(250), 100)) == 2  # the short tail merges into the last window
     assert metrics.ppl(np.zeros(5)) == 1.0
+
+
+def test_another_hf_family_without_a_start_token(tmp_path, toy_file):
+    """`--model` with any HF causal LM: a tiny random Qwen2 whose tokenizer has no BOS (no start token anywhere)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    b2u = bytes_to_unicode()
+    tok = Tokenizer(models.BPE(vocab={b2u[b]: b for b in range(256)}, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    PreTrainedTokenizerFast(tokenizer_object=tok).save_pretrained(tmp_path / "qwen")
+    torch.manual_seed(0)
+    cfg = Qwen2Config(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    Qwen2ForCausalLM(cfg).save_pretrained(tmp_path / "qwen")
+    out = tmp_path / "out"
+    assert text_ppl.main(["--model", str(tmp_path / "qwen"), "--text", str(toy_file), "--tokens", "512",
+                          "--budgets", "64", "--chunk", "32", "--saddle", "linear:1", "--threads", "1",
+                          "--out", str(out)]) == 0
+    res = json.loads((out / "text_ppl.json").read_text())
+    assert res["start_token"] is None and res["model_info"]["class"] == "Qwen2ForCausalLM"
+    rows = {r["policy"]: r for r in res["rows"]}
+    assert set(rows) == {REFERENCE.name, FULL_ABSOLUTE.name, "window_no_sinks", "streaming_llm", "h2o",
+                         "saddle[linear,1]"}
+    assert all(math.isfinite(r["ppl"]) for r in rows.values())
+    ids = torch.arange(100) % 256
+    window = text_ppl.reference_window(ids, 80, 96, 64, has_start=False)
+    assert window.tolist() == ids[16:96].tolist()  # no start token: just the last 64 tokens + the chunk
