@@ -40,6 +40,7 @@ def machine() -> dict:
         "cpu": cpu_name(),
         "cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
+        "load_avg_1min": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
         "torch": torch.__version__,
         "transformers": _version("transformers"),
         "gpu": gpu,
@@ -69,7 +70,8 @@ def git_commit() -> str:
 
 def describe_machine(m: dict) -> str:
     gpu = f"{m['gpu']['name']} x{m['gpu']['count']}" if m.get("gpu") else "no GPU"
-    return (f"{m['cpu']}, {m['cores']} cores ({m['torch_threads']} torch threads), {gpu}; torch {m['torch']}, "
+    load = f", load average {m['load_avg_1min']}" if m.get("load_avg_1min") is not None else ""
+    return (f"{m['cpu']}, {m['cores']} cores ({m['torch_threads']} torch threads{load}), {gpu}; torch {m['torch']}, "
             f"transformers {m['transformers']}; {m['platform']}")
 
 

@@ -3,8 +3,10 @@
 One stream of token ids per policy, fed chunk by chunk through the cache exactly as in `text`; at every checkpoint
 length the mean latency of the chunks just before it, the K/V bytes stored (stored tokens x bytes per token) and
 allocated (the cache's buffers), and the memory so far: peak RSS of the process (getrusage) or CUDA
-max_memory_allocated. By default each policy runs in its own process, so the peaks are that policy's alone. The
-full cache is quadratic in time: it runs only up to --full-max tokens. Ratios are against StreamingLLM in the same run.
+max_memory_allocated. By default each policy runs in its own process, so the peaks are that policy's alone;
+--in-process feeds every chunk to every policy in turn (as cache_cost does: fairer latencies on a loaded machine,
+but the memory peaks then accumulate). The full cache is quadratic in time: it runs only up to --full-max tokens.
+Ratios are against StreamingLLM in the same run.
 """
 
 from __future__ import annotations
@@ -61,40 +63,49 @@ def memory_now(device) -> dict:
 
 
 @torch.inference_mode()
-def stream_cost(model, spec: PolicySpec, lengths: list[int], budget: int, chunk: int, vocab: int, seed: int = 0):
-    """Feeds random ids through a fresh cache of spec; one row per checkpoint length."""
+def stream_cost(model, jobs: list[tuple[PolicySpec, list[int]]], budget: int, chunk: int, vocab: int, seed: int = 0):
+    """Feeds the same random ids through a fresh cache per (spec, checkpoint lengths), round robin: every chunk goes
+    to every policy in turn, so the load of a shared machine hits them alike. One row per policy and checkpoint."""
     device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
     policies.prepare(model)
-    total = max(lengths)
-    cache_budget = total if spec.policy == "full" else budget
+    total = max(max(lengths) for _, lengths in jobs)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     gen = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, vocab, (total,), generator=gen).to(device)
-    warm = policies.make_cache(spec, model, cache_budget, chunk, device, dtype)  # warm-up, untimed
-    for s in range(0, min(total, budget + 4 * chunk), chunk):
-        policies.feed_chunk(model, warm, ids[s:s + chunk].unsqueeze(0))
-    del warm
-    cache = policies.make_cache(spec, model, cache_budget, chunk, device, dtype)
     per_token = bytes_per_token(model, dtype)
-    rows, times, fed, t_start = [], [], 0, time.perf_counter()
-    todo = sorted(lengths)
-    while todo:
+    runs = []
+    for spec, lengths in jobs:
+        cache_budget = max(lengths) if spec.policy == "full" else budget
+        warm = policies.make_cache(spec, model, cache_budget, chunk, device, dtype)  # warm-up, untimed
+        for s in range(0, min(max(lengths), budget + 4 * chunk), chunk):
+            policies.feed_chunk(model, warm, ids[s:s + chunk].unsqueeze(0))
+        del warm
+        runs.append({"spec": spec, "todo": sorted(lengths), "times": [], "seconds": 0.0,
+                     "cache": policies.make_cache(spec, model, cache_budget, chunk, device, dtype)})
+    rows, fed = [], 0
+    while any(r["todo"] for r in runs):
         x = ids[fed:fed + chunk].unsqueeze(0)
-        t = time.perf_counter()
-        policies.feed_chunk(model, cache, x)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - t)
         fed += x.shape[1]
-        if fed >= todo[0]:
-            stats = cache.stats()
-            kv = stats.get("kv_bytes")
-            last = sorted(times[-TIMED_CHUNKS:])
-            rows.append({"policy": spec.name, "length": fed, "chunk_ms": 1e3 * last[len(last) // 2],
-                         "stored_tokens": stats["stored"], "stored_kv_bytes": stats["stored"] * per_token,
-                         "allocated_kv_bytes": kv, "seconds": time.perf_counter() - t_start, **memory_now(device)})
-            todo.pop(0)
+        for r in runs:
+            if not r["todo"]:
+                continue
+            t = time.perf_counter()
+            policies.feed_chunk(model, r["cache"], x)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            r["times"].append(time.perf_counter() - t)
+            r["seconds"] += r["times"][-1]
+            if fed >= r["todo"][0]:
+                stats = r["cache"].stats()
+                last = sorted(r["times"][-TIMED_CHUNKS:])
+                rows.append({"policy": r["spec"].name, "length": fed, "chunk_ms": 1e3 * last[len(last) // 2],
+                             "stored_tokens": stats["stored"], "stored_kv_bytes": stats["stored"] * per_token,
+                             "allocated_kv_bytes": stats.get("kv_bytes"), "seconds": r["seconds"],
+                             **memory_now(device)})
+                r["todo"].pop(0)
+                if not r["todo"]:
+                    r["cache"] = None  # free a finished policy's buffers
     return rows
 
 
@@ -104,17 +115,13 @@ def worker(argv) -> int:
     torch.set_num_threads(job["threads"]) if job["threads"] > 0 else None
     device = common.pick_device(job["device"])
     model, _ = load_or_build(job["model"], device, getattr(torch, job["dtype"]))
-    spec = PolicySpec(**job["spec"])
-    rows = stream_cost(model, spec, job["lengths"], job["budget"], job["chunk"], model.config.vocab_size)
+    rows = stream_cost(model, [(PolicySpec(**job["spec"]), job["lengths"])], job["budget"], job["chunk"],
+                       model.config.vocab_size)
     print(json.dumps(rows))
     return 0
 
 
-def run_policy(spec: PolicySpec, lengths, args, dtype, isolate: bool, model=None) -> list[dict]:
-    if not lengths:
-        return []
-    if not isolate:
-        return stream_cost(model, spec, lengths, args.budget, args.chunk, model.config.vocab_size)
+def run_isolated(spec: PolicySpec, lengths, args, dtype) -> list[dict]:
     job = {"spec": asdict(spec), "lengths": lengths, "budget": args.budget, "chunk": args.chunk, "model": args.model,
            "device": args.device, "dtype": str(dtype).replace("torch.", ""), "threads": args.threads}
     out = subprocess.run([sys.executable, "-m", "infmllm_ros.bench.cost", "--worker", json.dumps(job)],
@@ -141,7 +148,8 @@ def markdown(res: dict) -> str:
              r["allocated_kv_bytes"] / 2**20 if r["allocated_kv_bytes"] is not None else None, r[mem] / 2**20]
             for r in res["rows"]]
     skipped = "".join(f"\n- {k}: {v}" for k, v in res["skipped"].items())
-    peaks = "Peaks are per policy (one process each)." if res["isolated"] else "Peaks accumulate (one process)."
+    peaks = "Peaks are per policy (one process each)." if res["isolated"] else (
+        "One process, policies round robin on the same chunks: peaks accumulate.")
     return (f"### Cost vs stream length (`cost`)\n\n"
             f"Model {res['model']}, budget {res['budget']}, chunk {res['chunk']}, "
             f"{res['device']} {res['dtype']}; {common.describe_machine(res['machine'])}; commit {res['commit']}. "
@@ -180,7 +188,8 @@ def parse(argv):
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", default="auto", help="auto = float32 on CPU, bfloat16 on CUDA")
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--in-process", action="store_true", help="all policies in this process (peaks then accumulate)")
+    p.add_argument("--in-process", action="store_true",
+                   help="all policies in this process, round robin per chunk (peaks then accumulate)")
     p.add_argument("--out", default=str(common.DEFAULT_OUT))
     p.add_argument("--name", default="cost")
     return p.parse_args(argv)
@@ -205,16 +214,22 @@ def main(argv=None):
     skipped, rows, no_cache = {}, [], policies.cache_available()
     if no_cache:
         skipped["bounded policies"] = no_cache
+    jobs = []
     for spec in cost_policies():
         if spec.policy != "full" and no_cache:
             continue
         todo = [n for n in lengths if spec.policy != "full" or n <= full_max]
         if len(todo) < len(lengths):
             skipped[spec.name] = f"lengths > {full_max} skipped (quadratic time; --full-max)"
-        t = time.perf_counter()
-        rows += run_policy(spec, todo, args, dtype, not args.in_process, model)
-        print(f"  {spec.name}: {len(todo)} lengths up to {max(todo, default=0)} in {time.perf_counter() - t:.1f}s",
-              flush=True)
+        if todo:
+            jobs.append((spec, todo))
+    t = time.perf_counter()
+    if args.in_process:
+        rows += stream_cost(model, jobs, args.budget, args.chunk, model.config.vocab_size)
+    else:
+        for spec, todo in jobs:
+            rows += run_isolated(spec, todo, args, dtype)
+            print(f"  {spec.name}: {len(todo)} lengths up to {max(todo)} ({time.perf_counter() - t:.1f}s)", flush=True)
     add_ratios(rows)
     res = {"kind": "cost", "model": model_name, "budget": args.budget, "chunk": args.chunk, "lengths": lengths,
            "full_max": full_max, "device": str(device), "dtype": str(dtype).replace("torch.", ""),

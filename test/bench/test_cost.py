@@ -24,6 +24,7 @@ def test_cost_rows_for_every_policy(results_dir):
     assert by["full_absolute"][0]["stored_tokens"] == 256
     assert by["full_absolute"][0]["stored_kv_bytes"] == 4 * by["streaming_llm"][0]["stored_kv_bytes"]
     assert all(r["chunk_ms_vs_streaming_llm"] == 1.0 for r in by["streaming_llm"])
+    assert res["isolated"] is False and "round robin" in (results_dir / "cost.md").read_text()
     assert (results_dir / "cost.png").stat().st_size > 0 and "ms / chunk" in (results_dir / "cost.md").read_text()
 
 
@@ -33,5 +34,5 @@ def test_isolated_worker_process(tiny_model_dir):
     args = cost.parse(["--model", str(tiny_model_dir), "--budget", "32", "--chunk", "32", "--threads", "1"])
     args.device = "cpu"
     spec = next(s for s in cost.cost_policies() if s.name == "streaming_llm")
-    rows = cost.run_policy(spec, [128], args, cost.torch.float32, isolate=True)
+    rows = cost.run_isolated(spec, [128], args, cost.torch.float32)
     assert len(rows) == 1 and rows[0]["policy"] == "streaming_llm" and rows[0]["stored_tokens"] == 32
