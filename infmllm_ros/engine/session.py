@@ -43,6 +43,7 @@ class _Counters:
     frames_seen: int = 0
     questions: int = 0
     last_stamp: float | None = None
+    first_stamp: float | None = None  # time markers are relative to the first frame since reset
     last_frame_tokens: int = 0
     last_frame_latency_s: float = 0.0
     last_question_tokens: int = 0
@@ -109,7 +110,9 @@ class StreamingSession:
         if isinstance(stamp, bool) or not isinstance(stamp, numbers.Real) or not math.isfinite(stamp):
             raise InvalidFrameError(f"stamp must be a finite number of seconds, got {stamp!r}")
         img = frames.fit(frames.to_rgb(frame), self.frame_min_side, self.frame_max_side)
-        chunk = self.adapter.encode_images(self.adapter.frame_text(float(stamp)), [img])
+        # why relative: header stamps are epoch seconds; "t=1764150000.1s" costs tokens and means nothing to a model
+        t0 = self.counters.first_stamp if self.counters.first_stamp is not None else float(stamp)
+        chunk = self.adapter.encode_images(self.adapter.frame_text(float(stamp) - t0), [img])
         if chunk.length > self.cfg.max_chunk:
             raise InvalidFrameError(
                 f"one frame is {chunk.length} tokens > cache max_chunk {self.cfg.max_chunk}; raise "
@@ -118,6 +121,7 @@ class StreamingSession:
             self._flush_pending()
         self._prefill(self._with_pending(chunk))
         c = self.counters
+        c.first_stamp = t0
         c.frames_seen += 1
         c.last_stamp = float(stamp)
         c.last_frame_tokens = chunk.length

@@ -145,3 +145,20 @@ def test_numpy_stamps_accepted(tiny):
     s.observe(frame(1), np.float32(1.5))
     s.observe(frame(2), np.int64(2))
     assert s.stats()["last_stamp"] == 2.0 and s.stats()["frames_seen"] == 2
+
+
+def test_time_marker_relative_to_first_frame(tiny):
+    """Epoch header stamps: the marker counts seconds since the first frame (after reset); answers report the raw
+    stamp so the node can match the header."""
+    model, proc = tiny("qwen2_vl")
+    epoch = 1764150000.0
+    a, b = (make_session(model, proc, CacheConfig(**CFG), trace=True) for _ in range(2))
+    for x, base in ((a, epoch), (b, 0.0)):
+        x.observe(frame(1), base + 0.0)
+        x.observe(frame(2), base + 2.5)
+    assert a.fed_ids == b.fed_ids
+    assert "t=2.5s" in proc.tokenizer.decode(a.fed_ids)
+    assert a.ask("Describe the image.", max_new_tokens=2).frame_stamp == epoch + 2.5
+    a.reset()
+    a.observe(frame(1), epoch + 100.0)
+    assert "t=0.0s" in proc.tokenizer.decode(a.fed_ids)
