@@ -12,10 +12,11 @@ import json
 import os
 from pathlib import Path
 
-from infmllm_ros.bench import common, cost, metrics, text_ppl, train_lm
+from infmllm_ros.bench import cache_cost_view, common, cost, metrics, text_ppl, train_lm
 
-RENDERERS = {"train_lm": train_lm, "text_ppl": text_ppl, "cost": cost}
-ORDER = ["train_lm", "text_ppl", "cost"]
+RENDERERS = {"train_lm": train_lm, "text_ppl": text_ppl, "cost": cost, "cache_cost": cache_cost_view}
+ORDER = ["train_lm", "text_ppl", "cost", "cache_cost"]
+TITLES = {"train_lm": "Model", "text_ppl": "Quality", "cost": "Cost", "cache_cost": "Cache cost"}
 SETUP = ["apt-get install -y bible-kjv            # the KJV text (Debian bible-kjv + bible-kjv-text), as root",
          "pip install -e . && pip install matplotlib"]
 
@@ -27,6 +28,8 @@ def load_results(folder: Path) -> list[tuple[Path, dict]]:
             res = json.loads(path.read_text())
         except json.JSONDecodeError as e:
             raise SystemExit(f"report: {path} is not valid JSON: {e}") from e
+        if isinstance(res, dict) and res.get("benchmark") == "cache_cost" and "kind" not in res:
+            res = {**res, "kind": "cache_cost", "command": cache_cost_view.command(res), "commit": "?"}
         if isinstance(res, dict) and res.get("kind") in RENDERERS:
             found.append((path, res))
     found.sort(key=lambda pr: (ORDER.index(pr[1]["kind"]), pr[0].name))
@@ -60,7 +63,7 @@ def findings(results: list[tuple[Path, dict]]) -> list[str]:
                            f"collapse detected: {'yes' if r['collapsed'] else 'no'}.")
             if res.get("skipped"):
                 out.append(f"`{path.name}`: bounded policies skipped: {res['skipped']}.")
-        elif res["kind"] == "cost":
+        elif res["kind"] in ("cost", "cache_cost"):
             longest = max((r["length"] for r in res["rows"]), default=0)
             at = [r for r in res["rows"] if r["length"] == longest]
             parts = [f"{r['policy']} {r['chunk_ms']:.1f} ms/chunk, {r['stored_kv_bytes'] / 2**20:.1f} MiB KV"
@@ -79,14 +82,15 @@ def render(results: list[tuple[Path, dict]], output: Path) -> str:
     lines += ["## Findings (computed from the results)", ""] + [f"- {f}" for f in findings(results)] + [""]
     for path, res in results:
         module = RENDERERS[res["kind"]]
-        lines += ["## " + {"train_lm": "Model", "text_ppl": "Quality", "cost": "Cost"}[res["kind"]] + f" ({path.name})",
+        lines += [f"## {TITLES[res['kind']]} ({path.name})",
                   "", module.markdown(res).strip(), ""]
         png = path.with_suffix(".png")
         if not png.exists():
             module.plot(res, png)
         lines += [f"![{path.stem}]({_rel(png, output)})", ""]
     lines += ["## Machines and commits", ""]
-    lines += [f"- `{p.name}`: {common.describe_machine(r['machine'])}; commit `{r['commit']}`" for p, r in results]
+    lines += [f"- `{p.name}`: {common.describe_machine(cache_cost_view.full_machine(r['machine']))}; "
+              f"commit `{r['commit']}`" for p, r in results]
     lines += ["", "## Reproduce", "", *_reproduce(results)]
     return "\n".join(lines) + "\n"
 

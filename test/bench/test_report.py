@@ -23,6 +23,23 @@ def test_benchmarks_md_regenerates_from_results(results_dir, tmp_path):
     assert output.read_text() == md  # deterministic: same results, same page
 
 
+def test_cache_cost_results_get_a_section(tmp_path):
+    """The cache engineer's cache_cost JSON (its own format) is rendered too, with its plot."""
+    rows = [{"policy": p, "length": n, "chunk_ms": 1.0 + (p == "full") * n / 1024, "stored": s,
+             "stored_kv_bytes": s * 1024, "buffer_bytes": 2**20, "latency_ratio": 1.0, "stored_kv_ratio": s / 64}
+            for n in (256, 512) for p, s in (("streaming_llm", 64), ("full", n))]
+    res = {"benchmark": "cache_cost", "machine": {"platform": "Linux", "cpu": "TestCPU 9000", "cores": 2,
+           "torch_threads": 1, "torch": "2.13.0", "gpu": None}, "args": {"lengths": [256, 512], "chunk": 32,
+           "budget": 64, "layers": 2, "hidden": 64, "heads": 4, "kv_heads": 2}, "wall_s": 1.5, "rows": rows}
+    (tmp_path / "cache_cost_cpu.json").write_text(json.dumps(res))
+    output = tmp_path / "BENCHMARKS.md"
+    assert report.main(["--results", str(tmp_path), "--output", str(output)]) == 0
+    md = output.read_text()
+    assert "## Cache cost (cache_cost_cpu.json)" in md and "TestCPU 9000" in md
+    assert "infmllm-bench cache-cost --lengths 256 512 --chunk 32 --budget 64" in md
+    assert "| full | 512 | 1.5 |" in md and (tmp_path / "cache_cost_cpu.png").exists()
+
+
 def test_report_without_results(tmp_path):
     output = tmp_path / "BENCHMARKS.md"
     assert report.main(["--results", str(tmp_path / "none"), "--output", str(output)]) == 0
