@@ -148,9 +148,8 @@ class StreamingSession:
         stops = [s for s in (stop or []) if s]
         open_, close_ = self.adapter.question_wrap()
         head, tail = self.adapter.encode(open_), self.adapter.encode(close_)
-        if len(self._pending) + len(head) + len(tail) + 1 > self.cfg.max_chunk:
-            self._flush_pending()
-        room = self.cfg.max_chunk - len(self._pending) - len(head) - len(tail)
+        flush = len(self._pending) + len(head) + len(tail) + 1 > self.cfg.max_chunk  # pending goes alone first
+        room = self.cfg.max_chunk - (0 if flush else len(self._pending)) - len(head) - len(tail)
         if room < 1:
             raise InvalidInstructionError(f"cache max_chunk {self.cfg.max_chunk} leaves no room for an instruction")
         if len(user) > room:
@@ -158,6 +157,8 @@ class StreamingSession:
             warnings.warn(f"instruction of {len(user)} tokens truncated to {room} (cache max_chunk "
                           f"{self.cfg.max_chunk})", stacklevel=3)
             user = user[:room]
+        if flush:
+            self._flush_pending()
         if seed is not None:
             self.generator.manual_seed(seed)
         ids = torch.tensor([head + user + tail], dtype=torch.long)
@@ -270,7 +271,6 @@ class StreamingSession:
     def _flush_pending(self) -> None:
         if self._pending:
             ids = torch.tensor([self._pending], dtype=torch.long)
-            self._pending = []
             self._prefill(Chunk(ids=ids, mm_token_type_ids=torch.zeros_like(ids)))
 
     def _prefill(self, chunk: Chunk) -> torch.Tensor:
