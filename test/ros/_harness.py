@@ -22,6 +22,15 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 
 
+def domain(offset: int) -> int:
+    """A ROS_DOMAIN_ID for one node test module: base + offset (0..4). The base comes from INFMLLM_ROS_DOMAIN_BASE
+    or from the pytest process id (5, 10, ... 50), so two test runs on one machine (shared checkout, CI) rarely
+    meet; it stays below 60 (60-64 are the bag tests', replay_support.domain) and inside 0..101, whose DDS ports
+    never fall into Linux's ephemeral range."""
+    base = int(os.environ.get("INFMLLM_ROS_DOMAIN_BASE", 5 + (os.getpid() % 10) * 5))
+    return base + offset
+
+
 def node_env(domain_id: int, extra: dict | None = None) -> dict:
     env = dict(os.environ)
     env["ROS_DOMAIN_ID"] = str(domain_id)

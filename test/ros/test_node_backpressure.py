@@ -22,11 +22,11 @@ import time
 
 import numpy as np
 import pytest
-from _harness import Client, NodeProcess, diag_values
+from _harness import Client, NodeProcess, diag_values, domain
 
 pytestmark = [pytest.mark.ros, pytest.mark.slow]
 
-DOMAIN = 172
+DOMAIN = domain(1)
 DURATION_S = float(os.environ.get("INFMLLM_BACKPRESSURE_S", "8"))
 CAMERA_HZ = 30.0
 FRAME_RATE = 2.0

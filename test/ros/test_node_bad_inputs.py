@@ -11,11 +11,11 @@ import time
 
 import numpy as np
 import pytest
-from _harness import Client, NodeProcess, diag_values, make_image
+from _harness import Client, NodeProcess, diag_values, domain, make_image
 
 pytestmark = pytest.mark.ros
 
-DOMAIN = 173
+DOMAIN = domain(2)
 COMMON = {"session_factory": "fake_session:make", "model": "fake", "frame_rate": 10.0,
           "image_reliability": "reliable", "instruction_durability": "transient_local",
           "output_durability": "transient_local", "max_instruction_chars": 4000}

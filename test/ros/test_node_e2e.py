@@ -9,11 +9,11 @@ import json
 import time
 
 import pytest
-from _harness import REPO, Client, NodeProcess, diag_values, make_image
+from _harness import REPO, Client, NodeProcess, diag_values, domain, make_image
 
 pytestmark = pytest.mark.ros
 
-DOMAIN = 171
+DOMAIN = domain(0)
 NS = "/infmllm_node"
 
 

@@ -8,11 +8,11 @@ import json
 import time
 
 import pytest
-from _harness import REPO, Client, NodeProcess, diag_values, make_image
+from _harness import REPO, Client, NodeProcess, diag_values, domain, make_image
 
 pytestmark = [pytest.mark.ros, pytest.mark.slow]
 
-DOMAIN = 174
+DOMAIN = domain(3)
 NS = "/infmllm_node"
 
 
