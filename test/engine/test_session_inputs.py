@@ -162,3 +162,18 @@ def test_time_marker_relative_to_first_frame(tiny):
     a.reset()
     a.observe(frame(1), epoch + 100.0)
     assert "t=0.0s" in proc.tokenizer.decode(a.fed_ids)
+
+
+@pytest.mark.parametrize("fam", ["llava_llama", "llava_onevision", "idefics3", "smolvlm"])
+def test_tokens_per_frame_do_not_depend_on_frame_size(tiny, fam):
+    """Tile families are resized to one tile: a VGA camera costs what a tile-sized frame costs (no anyres growth,
+    no Idefics3 splitting). Onevision still unpads by aspect ratio, so its sizes keep one aspect ratio here."""
+    model, proc = tiny(fam)
+    s = make_session(model, proc, CacheConfig(**CFG), system_prompt=None)
+    counts = set()
+    sizes = ((3, 4), (36, 48), (48, 64), (480, 640)) if fam == "llava_onevision" else \
+        ((1, 1), (32, 32), (48, 64), (480, 640), (64, 20))
+    for h, w in sizes:
+        s.reset()
+        counts.add(s.observe(frame(0, h, w), 0.0))
+    assert len(counts) == 1

@@ -47,6 +47,13 @@ class Chunk:
         return self.ids.shape[1]
 
 
+def size_get(size, key):
+    """A processor size field: a plain dict or transformers 5's SizeDict (attributes)."""
+    if size is None:
+        return None
+    return size.get(key) if isinstance(size, dict) else getattr(size, key, None)
+
+
 def time_marker(stamp: float) -> str:
     return f"t={stamp:.1f}s "
 
@@ -132,10 +139,9 @@ class Adapter:
     def tile_size(self) -> int:
         ip = self.processor.image_processor
         for src in (getattr(ip, "crop_size", None), getattr(ip, "size", None)):
-            if isinstance(src, dict):
-                for k in ("height", "shortest_edge", "longest_edge"):
-                    if src.get(k):
-                        return int(src[k])
+            for k in ("height", "shortest_edge", "longest_edge"):
+                if size_get(src, k):
+                    return int(size_get(src, k))
         return 336
 
     def frame_bounds(self) -> tuple[int, int]:

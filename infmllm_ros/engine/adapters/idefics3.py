@@ -1,6 +1,6 @@
 """Idefics3 and SmolVLM (Llama/SmolLM text): 1-D RoPE; frames are not split into tiles (global view only)."""
 
-from infmllm_ros.engine.adapters.base import Adapter, Turns
+from infmllm_ros.engine.adapters.base import Adapter, Turns, size_get
 
 IDEFICS = Turns(prefix="<|im_start|>", system="System: {system}<end_of_utterance>\n", frame_open="User:",
                 user_open="User: ", user_close="<end_of_utterance>\n", assistant_open="Assistant:",
@@ -17,7 +17,7 @@ class Idefics3Adapter(Adapter):
         return IDEFICS
 
     def tile_size(self) -> int:
-        return int(self.processor.image_processor.max_image_size["longest_edge"])
+        return int(size_get(self.processor.image_processor.max_image_size, "longest_edge") or 364)
 
     def frame_bounds(self):
         return 8, self.tile_size()

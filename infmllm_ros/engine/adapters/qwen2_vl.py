@@ -5,7 +5,7 @@ import math
 
 import torch
 
-from infmllm_ros.engine.adapters.base import Adapter, Chunk
+from infmllm_ros.engine.adapters.base import Adapter, Chunk, size_get
 
 
 class Qwen2VLAdapter(Adapter):
@@ -29,7 +29,6 @@ class Qwen2VLAdapter(Adapter):
     def frame_bounds(self):
         ip = self.processor.image_processor
         factor = ip.patch_size * ip.merge_size
-        size = ip.size if isinstance(ip.size, dict) else {}
-        max_pixels = size.get("longest_edge") or getattr(ip, "max_pixels", None) or 448 * 448
+        max_pixels = size_get(ip.size, "longest_edge") or getattr(ip, "max_pixels", None) or 448 * 448
         # why 448: real checkpoints allow ~3584 px sides (thousands of tokens); a stream wants <= ~256 per frame
         return factor, min(448, int(math.isqrt(int(max_pixels))))
