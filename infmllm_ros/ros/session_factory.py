@@ -8,7 +8,7 @@ tests use that to run the node in its own process with a scripted session.
 
 ``model`` values: a Hugging Face id or a local directory (``StreamingSession.from_pretrained``),
 ``tiny:<family>[:seed]`` for the offline random-weight models of ``infmllm_ros.engine.tiny`` (tests, demos), or
-``""`` for the model embedded in the package (the first ``infmllm_ros/assets/<name>/config.json``), if any.
+``""`` for the VLM embedded in the package (``infmllm_ros/assets/robot_vlm``, see :func:`embedded_model`).
 """
 
 from __future__ import annotations
@@ -68,14 +68,28 @@ def make_session(params: dict) -> Any:
 
 
 def embedded_model() -> str:
-    """The model directory shipped inside the package (``infmllm_ros/assets/*/config.json``), or ``""``."""
+    """The VLM shipped inside the package, or ``""``: ``infmllm_ros/assets/robot_vlm`` (written by
+    ``infmllm-bench train-vlm``), else the first ``assets/<name>/`` whose config.json names a supported VLM family
+    (text-only models there, such as the benchmark's ``kjv_lm``, are skipped)."""
+    import json
     from pathlib import Path
 
     import infmllm_ros
 
     assets = Path(infmllm_ros.__file__).resolve().parent / "assets"
-    found = sorted(p.parent for p in assets.glob("*/config.json")) if assets.is_dir() else []
-    return str(found[0]) if found else ""
+    if (assets / "robot_vlm" / "config.json").is_file():
+        return str(assets / "robot_vlm")
+    if not assets.is_dir():
+        return ""
+    from infmllm_ros.engine.loading import MODEL_TYPES
+
+    for cfg in sorted(assets.glob("*/config.json")):
+        try:
+            if json.loads(cfg.read_text()).get("model_type") in MODEL_TYPES:
+                return str(cfg.parent)
+        except (OSError, ValueError):
+            continue
+    return ""
 
 
 def load_factory(spec: str):
