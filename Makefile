@@ -21,7 +21,7 @@ $(STAMP): requirements.txt setup.py package.xml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python -m infmllm_ros.demo
+	$(BIN)/python -m infmllm_ros.ros.demo $(DEMO_ARGS)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q test
