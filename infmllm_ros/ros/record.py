@@ -2,6 +2,7 @@
 
 Subscriptions take raw CDR bytes (raw=True) and write them unchanged, stamped with the receive time of the node
 clock (system time, or /clock with --use-sim-time). Topic types come from the graph, or are given as TOPIC:TYPE.
+`--ros-args -r /a:=/b` records the live topic /b under the name /a in the bag.
 SIGINT / SIGTERM, --duration and --max-messages stop it cleanly: what was already received is taken from the
 queues and written, and the bag is closed (metadata.yaml written), so it is valid after Ctrl-C.
 Exit status: 0 recorded, 1 bad arguments or output, 2 topics not found in time.
@@ -156,8 +157,8 @@ def _discover(node, specs: dict, timeout: float, stop: _Stop) -> dict[str, str] 
     while not stop.requested:
         graph = dict(node.get_topic_names_and_types())
         for topic in specs:
-            if topic not in types and graph.get(topic):
-                names = graph[topic]
+            names = graph.get(node.resolve_topic_name(topic))  # after --ros-args -r remapping
+            if topic not in types and names:
                 if len(names) > 1:
                     raise bag.BagError(f"topic {topic} has several types {names}: give one as {topic}:TYPE")
                 bag.ros_type(names[0])
@@ -179,7 +180,7 @@ def _qos_for(node, topic: str, args):
         return qos_profile(args.qos, args.depth)
     from rclpy.qos import DurabilityPolicy, ReliabilityPolicy
 
-    offered = [info.qos_profile for info in node.get_publishers_info_by_topic(topic)]
+    offered = [info.qos_profile for info in node.get_publishers_info_by_topic(node.resolve_topic_name(topic))]
     if not offered:
         return qos_profile("volatile", args.depth)
     if all(q.reliability == ReliabilityPolicy.RELIABLE for q in offered):

@@ -36,9 +36,26 @@ def command(name: str) -> list[str]:
     return [str(script)] if script.exists() else [sys.executable, "-m", MODULES[name]]
 
 
+# Every live topic of these tests is remapped under a prefix unique to this pytest process, so two runs of the
+# suite at once (a shared checkout, CI) never mix their messages even on the same ROS_DOMAIN_ID. Bags keep the
+# plain names: the player publishes /image as NS/image and the recorder records NS/image as /image.
+NS = f"/bagtest{os.getpid()}"
+LIVE_TOPICS = ("/image", "/instruction", "/clock", "/camera/image/compressed", "/infmllm_node/result",
+               "/infmllm_node/answer")
+
+
+def isolation_args() -> list[str]:
+    return ["--ros-args"] + [a for t in LIVE_TOPICS for a in ("-r", f"{t}:={NS}{t}")]
+
+
+def cli(name: str, *args) -> list[str]:
+    """Command line of a bag tool; replay and record get the isolation remaps (make-bag has no ROS args)."""
+    extra = isolation_args() if name in ("infmllm-replay", "infmllm-record") else []
+    return command(name) + [str(a) for a in args] + extra
+
+
 def run(name: str, *args, domain: int, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run(command(name) + [str(a) for a in args], env=env(domain), capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(cli(name, *args), env=env(domain), capture_output=True, text=True, timeout=timeout)
 
 
 class Recorder:
@@ -48,7 +65,7 @@ class Recorder:
         self.out = Path(out)
         self.log = self.out.with_name(self.out.name + ".record.log")
         self._log_file = open(self.log, "w")
-        self.proc = subprocess.Popen(command("infmllm-record") + [str(out), "--topics", *topics, *map(str, extra)],
+        self.proc = subprocess.Popen(cli("infmllm-record", out, "--topics", *topics, *extra),
                                      env=env(domain), stdout=self._log_file, stderr=subprocess.STDOUT)
 
     def wait_ready(self, timeout: float = 30) -> None:

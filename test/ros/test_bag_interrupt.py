@@ -5,6 +5,7 @@ hold exactly the number of messages the recorder reports, and those must be an u
 stream, identical field by field.
 """
 
+import re
 import signal
 import subprocess
 import sys
@@ -27,20 +28,33 @@ def source(tmp_path_factory):
     return rs.make_video_bag(tmp_path_factory.mktemp("src") / "b", "--resize", "128x96", "--max-frames", FRAMES)
 
 
+def wait_until_sent(log: Path, n: int, play: subprocess.Popen, timeout: float = 60) -> None:
+    """Poll the player's progress line ('... 12/53 msgs') until it has sent n messages."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        counts = re.findall(r" (\d+)/\d+ msgs", log.read_text())
+        if counts and int(counts[-1]) >= n:
+            return
+        assert play.poll() is None, f"player exited early: {log.read_text()}"
+        time.sleep(0.05)
+    raise AssertionError(f"player did not send {n} messages in {timeout} s: {log.read_text()}")
+
+
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_signal_mid_recording_leaves_valid_complete_bag(tmp_path, source, sig):
     rec = rs.Recorder(tmp_path / "rec", ["/image:sensor_msgs/msg/Image", "/instruction:std_msgs/msg/String"],
                       DOMAIN, "--qos", "reliable")
     play = None
+    play_log = tmp_path / "play.log"
     try:
         rec.wait_ready()
-        play = subprocess.Popen(rs.command("infmllm-replay") + [str(source), "--wait-for-subscribers", "1"],
-                                env=rs.env(DOMAIN), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        time.sleep(4.0)  # discovery (about 2 s here) + a couple of seconds of frames
-        assert play.poll() is None, "player finished before the interrupt: make the source longer"
+        with open(play_log, "w") as log:
+            play = subprocess.Popen(rs.cli("infmllm-replay", source, "--wait-for-subscribers", "1",
+                                           "--progress", "always"),
+                                    env=rs.env(DOMAIN), stdout=subprocess.DEVNULL, stderr=log)
+        wait_until_sent(play_log, 15, play)  # 1.5 s of frames on the wire, 3.5 s still to come
         assert rec.stop(sig) == 0, rec.text()
-        _, err = play.communicate(timeout=60)
-        assert play.returncode == 0, err  # the player does not care that a subscriber left
+        assert play.wait(60) == 0, play_log.read_text()  # the player does not care that a subscriber left
     finally:
         rec.stop(signal.SIGKILL)
         if play and play.poll() is None:

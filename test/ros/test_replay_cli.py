@@ -38,8 +38,8 @@ def test_progress_bar_and_summary(small):
 
 
 def test_loop_until_ctrl_c(small):
-    proc = subprocess.Popen(rs.command("infmllm-replay") + [str(small), "--rate", "5", "--loop", "--clock",
-                                                            "--ros-args", "-r", "__node:=player"],
+    proc = subprocess.Popen(rs.cli("infmllm-replay", small, "--rate", "5", "--loop", "--clock",
+                                   "--ros-args", "-r", "__node:=player"),
                             env=rs.env(DOMAIN), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     time.sleep(3.5)  # start-up + at least two 0.1 s loops at 5x
     proc.send_signal(signal.SIGINT)

@@ -48,7 +48,8 @@ def video_bag(tmp_path_factory):
 
 
 def start_node(log: Path) -> subprocess.Popen:
-    args = ["--ros-args"] + [a for k, v in NODE_PARAMS.items() for a in ("-p", f"{k}:={v}")]
+    args = ["--ros-args", "-r", f"__ns:={rs.NS}", "-r", f"/clock:={rs.NS}/clock"]  # see replay_support.NS
+    args += [a for k, v in NODE_PARAMS.items() for a in ("-p", f"{k}:={v}")]
     out = open(log, "w")
     return subprocess.Popen(rs.command("infmllm_node") + args, env=rs.env(DOMAIN), stdout=out,
                             stderr=subprocess.STDOUT)

@@ -62,9 +62,9 @@ def test_round_trip_loses_nothing(tmp_path, bags, storage, rate):
 
 def test_record_discovers_types_remap_topics_offset_compressed(tmp_path):
     src = rs.make_video_bag(tmp_path / "jpeg", "--resize", "160x120", "--max-frames", 20, "--compressed")
-    cmd = rs.command("infmllm-replay") + [str(src), "--rate", "0", "--topics", "/image", "--remap",
-                                          "/image:=/camera/image/compressed", "--start-offset", "1.0",
-                                          "--wait-for-subscribers", "1", "--delay", "0.5"]
+    cmd = rs.cli("infmllm-replay", src, "--rate", "0", "--topics", "/image", "--remap",
+                 "/image:=/camera/image/compressed", "--start-offset", "1.0", "--wait-for-subscribers", "1",
+                 "--delay", "0.5")
     import subprocess
 
     play = subprocess.Popen(cmd, env=rs.env(DOMAIN), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
