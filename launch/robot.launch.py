@@ -19,6 +19,7 @@ from launch_ros.event_handlers import OnStateTransition
 from launch_ros.events.lifecycle import ChangeState
 from lifecycle_msgs.msg import Transition
 
+from infmllm_ros.ros.params import node_parameters
 from launch import LaunchDescription
 
 PACKAGE = "infmllm_ros"
@@ -40,7 +41,8 @@ def _node(context, *args, **kwargs):
         executable=EXECUTABLE,
         name=NODE_NAME,
         namespace=get("namespace"),
-        parameters=[get("params_file"), overrides],
+        # the file's own parameter dict, so it still applies when `namespace` is set (see ros/params.py)
+        parameters=[node_parameters(get("params_file"), NODE_NAME), overrides],
         output="screen",
         emulate_tty=True,
     )

@@ -112,3 +112,35 @@ def test_launch_description_with_real_launch_ros(monkeypatch):
 
     names = {e.name for e in ld.entities if isinstance(e, DeclareLaunchArgument)}
     assert REQUIRED_ARGS <= names
+
+
+def test_params_file_applies_in_a_namespace(tmp_path):
+    """What the launch file does with params_file, emulated as launch_ros does it (a dict -> a temporary
+    ``/**`` params file): robot.yaml's values reach a node launched into a namespace (the bare ``infmllm_node:``
+    key alone would not match ``/robot1/infmllm_node``)."""
+    from _harness import Client, NodeProcess, domain
+    from rcl_interfaces.srv import GetParameters
+
+    from infmllm_ros.ros.node import NODE_NAME
+    from infmllm_ros.ros.params import flatten, node_parameters
+
+    params = node_parameters(str(ROBOT_YAML), NODE_NAME)
+    assert isinstance(params, dict) and flatten(params)["cache.policy"] == "saddle"
+    wildcard = tmp_path / "wildcard.yaml"
+    wildcard.write_text("/**:\n  ros__parameters:\n    frame_rate: 3.0\n")
+    assert node_parameters(str(wildcard), NODE_NAME) == str(wildcard)  # other keys: the file, as written
+    f = tmp_path / "launch_params.yaml"
+    f.write_text(yaml.safe_dump({"/**": {"ros__parameters": params}}))
+    dom = domain(4)
+    node = NodeProcess(dom, params_file=str(f), params={"session_factory": "fake_session:make", "model": "fake"},
+                       ros_args=["-r", "__ns:=/robot1"])
+    c = Client(dom)
+    try:
+        names = ["system_prompt", "cache.budget", "dtype"]
+        resp = c.call(GetParameters, "/robot1/infmllm_node/get_parameters", GetParameters.Request(names=names),
+                      timeout=30)
+        got = [resp.values[0].string_value, resp.values[1].integer_value, resp.values[2].string_value]
+        assert got == [params["system_prompt"], params["cache"]["budget"], params["dtype"]]
+    finally:
+        c.close()
+        node.stop()
