@@ -400,10 +400,10 @@ class ActionConstraint:
     """Builds ``allowed_tokens_fn(generated_ids) -> list[int]`` for a HF tokenizer from the action schema.
 
     Built once per tokenizer (it walks the vocabulary); :meth:`allowed_tokens_fn` returns a fresh function per
-    answer (the enforcer caches states per prefix).
+    answer (the enforcer caches states per prefix). ``max_whitespace`` bounds consecutive whitespace in the JSON.
     """
 
-    def __init__(self, spec: ActionSpec, tokenizer, vocab_size: int | None = None):
+    def __init__(self, spec: ActionSpec, tokenizer, vocab_size: int | None = None, max_whitespace: int = 2):
         from lmformatenforcer import JsonSchemaParser
         from lmformatenforcer.tokenenforcer import TokenEnforcerTokenizerData
 
@@ -421,11 +421,16 @@ class ActionConstraint:
         self._data = TokenEnforcerTokenizerData(_regular_tokens(tokenizer, vocab_size), decode, eos, False,
                                                 vocab_size)
         self.eos_token_id = eos
+        self.max_whitespace = int(max_whitespace)
 
     def allowed_tokens_fn(self):
         from lmformatenforcer.tokenenforcer import TokenEnforcer
 
-        enforcer = TokenEnforcer(self._data, self._parser_cls(self.schema))
+        parser = self._parser_cls(self.schema)
+        enforcer = TokenEnforcer(self._data, parser)  # sets parser.config (shared by every derived parser state)
+        # at most this many consecutive whitespace characters between JSON tokens (library default 12): a model
+        # cannot spend its action token budget on indentation and then be cut off mid-object
+        parser.config.max_consecutive_whitespaces = self.max_whitespace
 
         def fn(generated_ids) -> list[int]:
             return list(enforcer.get_allowed_tokens(list(generated_ids)).allowed_tokens)

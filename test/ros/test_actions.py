@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import re
 import string
 from pathlib import Path
 
@@ -223,6 +224,7 @@ def test_constraint_random_walks_are_schema_shaped_char_tokenizer():
     ok = 0
     for _ in range(60):
         text = _walk(c, tok, rng, max_steps=400)
+        assert not re.search(r"\s{3,}", text), repr(text)  # max_whitespace=2 between JSON tokens
         try:
             a = parse_action(text, SPEC)
         except ActionError as e:  # only a non-finite number (the decoder does not bound exponents) or truncation
