@@ -48,7 +48,8 @@ def video_bag(tmp_path_factory):
 
 
 def start_node(log: Path) -> subprocess.Popen:
-    args = ["--ros-args", "-r", f"__ns:={rs.NS}", "-r", f"/clock:={rs.NS}/clock"]  # see replay_support.NS
+    args = ["--ros-args", "-r", f"__ns:={rs.NS}"]  # see replay_support.NS; absolute names need their own rules
+    args += [a for t in ("/clock", "/diagnostics") for a in ("-r", f"{t}:={rs.NS}{t}")]
     args += [a for k, v in NODE_PARAMS.items() for a in ("-p", f"{k}:={v}")]
     out = open(log, "w")
     return subprocess.Popen(rs.command("infmllm_node") + args, env=rs.env(DOMAIN), stdout=out,
