@@ -108,3 +108,15 @@ def test_tiny_model_constrained_action_fails_closed(env):
     else:
         assert r["action_error"], r
     assert "constrained action decoding unavailable" not in (r["action_error"] or "")
+
+
+def test_tiny_model_reset_empties_the_cache(env):
+    from std_srvs.srv import Trigger
+
+    c = env
+    resp = c.call(Trigger, f"{NS}/reset", Trigger.Request(), timeout=30)
+    assert resp.success, resp.message
+    t = time.monotonic()
+    assert c.wait_for(lambda: [m for tt, m in c.msgs["diag"] if tt > t], 5)
+    d = diag_values(c.got("diag")[-1])
+    assert d["tokens_seen"] == 0 and d["resets"] == 1 and d["errors"] == 0
