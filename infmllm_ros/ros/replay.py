@@ -71,7 +71,7 @@ def _absolute(topic: str) -> str:
 class Progress:
     """One self-rewriting line on stderr: elapsed / bag duration, messages sent, rate."""
 
-    def __init__(self, duration_s: float, total: int, enabled: bool):
+    def __init__(self, duration_s: float, total: int | None, enabled: bool):
         self.duration_s, self.total, self.enabled = duration_s, total, enabled
         self.last = 0.0
 
@@ -80,10 +80,10 @@ class Progress:
         if not self.enabled or (not force and now - self.last < 0.1):
             return
         self.last = now
-        frac = min(1.0, bag_elapsed_s / self.duration_s) if self.duration_s > 0 else (sent / max(self.total, 1))
+        frac = min(1.0, bag_elapsed_s / self.duration_s) if self.duration_s > 0 else float(bool(sent))
         filled = int(round(frac * 24))
         sys.stderr.write(f"\r[{'#' * filled}{'.' * (24 - filled)}] {bag_elapsed_s:7.2f} / {self.duration_s:.2f} s"
-                         f"  {sent}/{self.total} msgs ")
+                         f"  {sent}{f'/{self.total}' if self.total is not None else ''} msgs ")
         sys.stderr.flush()
 
     def finish(self):
@@ -219,7 +219,7 @@ def _play(reader, chosen, args, ros_args, stop: _Stop) -> int:
 
         selected = [c for c, _, _ in chosen.values()]
         start_ns = reader.start_time + round(args.start_offset * 1e9)
-        total = sum(c.msgcount for c in selected)
+        total = sum(c.msgcount for c in selected) if args.start_offset <= 0 else None  # unknown without a scan
         duration_s = max(0.0, (reader.end_time - start_ns) / 1e9)
         show = not args.quiet and (args.progress == "always" or (args.progress == "auto" and sys.stderr.isatty()))
         progress = Progress(duration_s, total, show)
