@@ -222,6 +222,12 @@ class InfMLLMNode(LifecycleNode):
         self._stamps: collections.OrderedDict = collections.OrderedDict()  # stamp_s -> (sec, nanosec)
         self._last_cache: dict = {}
         self._state_label = "unconfigured"
+        # /diagnostics runs in every lifecycle state (steady clock: also without /clock under use_sim_time), so a
+        # failed configure is visible there too
+        self._diag_pub = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
+        period = float(self.get_parameter("diagnostics_period").value)
+        self._diag_timer = self.create_timer(period if period > 0 else 1.0, self._publish_diagnostics,
+                                             clock=self._steady)
 
     # ------------------------------------------------------------------------------------------------ parameters
     def _read_params(self) -> dict:
@@ -240,6 +246,13 @@ class InfMLLMNode(LifecycleNode):
                     "generation.max_new_tokens", "actions.max_new_tokens"):
             if int(p[key]) < 1:
                 raise ValueError(f"parameter {key} must be >= 1, got {p[key]}")
+        for key in ("watchdog_rate", "diagnostics_period", "reset_timeout"):
+            if not p[key] > 0:
+                raise ValueError(f"parameter {key} must be > 0, got {p[key]}")
+        try:
+            p["actions.prompt"].format(instruction="x", schema="y")
+        except (KeyError, IndexError, ValueError) as e:
+            raise ValueError(f"actions.prompt may only use {{instruction}} and {{schema}}: {e!r}") from None
         return p
 
     def _qos(self, reliable: bool, depth: int, transient: bool = False) -> QoSProfile:
@@ -273,15 +286,11 @@ class InfMLLMNode(LifecycleNode):
             "action": self.create_lifecycle_publisher(String, "~/action", self._qos(True, 10)),
             "cmd_vel": self.create_lifecycle_publisher(Twist, p["cmd_vel_topic"], self._qos(True, 10)),
         }
-        self._diag_pub = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
         self._svc_list = [
             self.create_service(Trigger, "~/reset", self._on_reset, callback_group=self._srv_group),
             self.create_service(SetBool, "~/enable_actions", self._on_enable_actions, callback_group=self._srv_group),
         ]
-        self._timer_list = [
-            self.create_timer(float(p["diagnostics_period"]), self._publish_diagnostics, clock=self._steady),
-            self.create_timer(1.0 / float(p["watchdog_rate"]), self._watchdog, clock=self._steady),
-        ]
+        self._timer_list = [self.create_timer(1.0 / float(p["watchdog_rate"]), self._watchdog, clock=self._steady)]
         self._stop = False
         self._session_lost = False
         self._worker = threading.Thread(target=self._worker_main, name="infmllm_session", daemon=True)
@@ -355,9 +364,6 @@ class InfMLLMNode(LifecycleNode):
         for pub in self._pubs.values():
             self.destroy_lifecycle_publisher(pub)
         self._pubs = {}
-        if getattr(self, "_diag_pub", None) is not None:
-            self.destroy_publisher(self._diag_pub)
-            self._diag_pub = None
 
     def _stop_worker(self):
         with self._cv:
@@ -791,6 +797,8 @@ class InfMLLMNode(LifecycleNode):
         st.hardware_id = str(self._p.get("model", ""))
         if v["session_lost"]:
             st.level, st.message = DiagnosticStatus.ERROR, "session lost"
+        elif v["state"] == "unconfigured" and v["last_error"].startswith("configure"):
+            st.level, st.message = DiagnosticStatus.ERROR, v["last_error"][:200]
         elif v["errors"] or v["last_error"]:
             st.level, st.message = DiagnosticStatus.WARN, v["last_error"][:200] or "errors in the session"
         else:

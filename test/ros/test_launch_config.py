@@ -8,6 +8,7 @@ from __future__ import annotations
 import ast
 import importlib.util
 import re
+import time
 from pathlib import Path
 
 import pytest
@@ -141,6 +142,41 @@ def test_params_file_applies_in_a_namespace(tmp_path):
                       timeout=30)
         got = [resp.values[0].string_value, resp.values[1].integer_value, resp.values[2].string_value]
         assert got == [params["system_prompt"], params["cache"]["budget"], params["dtype"]]
+    finally:
+        c.close()
+        node.stop()
+
+
+def test_bad_parameter_fails_configure_visibly_then_recovers():
+    """autostart with an invalid parameter: configure fails, the node stays up (unconfigured) and says why on
+    /diagnostics (ERROR); fixing the parameter and configuring through the lifecycle service brings it up."""
+    from _harness import Client, NodeProcess, diag_values, domain
+    from diagnostic_msgs.msg import DiagnosticArray
+    from lifecycle_msgs.msg import Transition
+    from lifecycle_msgs.srv import ChangeState
+    from rcl_interfaces.msg import Parameter, ParameterType, ParameterValue
+    from rcl_interfaces.srv import SetParameters
+
+    dom = domain(4)
+    node = NodeProcess(dom, params={"session_factory": "fake_session:make", "model": "fake",
+                                    "actions.mode": "sometimes"})
+    c = Client(dom)
+    try:
+        c.collect(DiagnosticArray, "/diagnostics", c.qos(), "diag")
+        assert c.wait_for(lambda: c.got("diag"), 30), node.log()
+        d = diag_values(c.got("diag")[-1])
+        assert d["state"] == "unconfigured" and d["_level"] == 2 and "actions.mode" in d["last_error"], d
+        assert node.alive() and "configure failed" in node.log()
+        req = SetParameters.Request(parameters=[Parameter(name="actions.mode", value=ParameterValue(
+            type=ParameterType.PARAMETER_STRING, string_value="prefix"))])
+        assert c.call(SetParameters, "/infmllm_node/set_parameters", req).results[0].successful
+        for tid in (Transition.TRANSITION_CONFIGURE, Transition.TRANSITION_ACTIVATE):
+            ch = ChangeState.Request()
+            ch.transition.id = tid
+            assert c.call(ChangeState, "/infmllm_node/change_state", ch, timeout=30).success
+        t = time.monotonic()
+        assert c.wait_for(lambda: [m for tt, m in c.msgs["diag"] if tt > t + 0.1], 5)
+        assert diag_values(c.got("diag")[-1])["state"] == "active"
     finally:
         c.close()
         node.stop()
