@@ -122,15 +122,24 @@ def _record(args, ros_args, specs: dict, stop: _Stop) -> int:
             node.create_subscription(bag.ros_type(msgtype), topic, make_callback(topic, conn), qos, raw=True)
         print(f"infmllm-record: recording {len(types)} topic(s) to {args.bag}", file=sys.stderr, flush=True)
         t_start = time.monotonic()
-        while not stop.requested:
-            executor.spin_once(timeout_sec=0.05)
-            if args.duration is not None and time.monotonic() - t_start >= args.duration:
-                stop.requested, stop.reason = True, "duration"
-        _drain(executor, lambda: total)
+        try:
+            while not stop.requested:
+                executor.spin_once(timeout_sec=0.05)
+                if args.duration is not None and time.monotonic() - t_start >= args.duration:
+                    stop.requested, stop.reason = True, "duration"
+            _drain(executor, lambda: total)
+        except OSError as exc:  # disk full, output folder removed: keep what was written, say why, exit 1
+            stop.reason = f"write failed: {exc}"
+            print(f"infmllm-record: error: writing {args.bag} failed: {exc}", file=sys.stderr)
+            return 1
         return 0
     finally:
         if writer is not None:
-            writer.close()  # writes the summary and metadata.yaml: the bag is valid from here on
+            try:
+                writer.close()  # writes the summary and metadata.yaml: the bag is valid from here on
+            except OSError as exc:
+                print(f"infmllm-record: error: closing {args.bag} failed, the bag is not valid: {exc}",
+                      file=sys.stderr)
         node.destroy_node()
         rclpy.try_shutdown()
         if writer is not None and not args.quiet:
