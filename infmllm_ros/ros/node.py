@@ -220,7 +220,7 @@ class InfMLLMNode(LifecycleNode):
         self.constraint: ActionConstraint | None = None
         self._constraint_error = ""
         self._stamps: collections.OrderedDict = collections.OrderedDict()  # stamp_s -> (sec, nanosec)
-        self._last_cache: dict = {}
+        self._session_stats: dict = {}  # snapshot taken by the worker (the only thread that touches the session)
         self._state_label = "unconfigured"
         # /diagnostics runs in every lifecycle state (steady clock: also without /clock under use_sim_time), so a
         # failed configure is visible there too
@@ -486,9 +486,16 @@ class InfMLLMNode(LifecycleNode):
             self.stats.callback((time.perf_counter() - t0) * 1e3)
 
     # ------------------------------------------------------------------------------------------------ worker
+    def _snapshot_stats(self):
+        try:
+            self._session_stats = dict(self._session.stats() or {})
+        except Exception as e:  # stats() must not take the worker down
+            self._session_stats = {"stats_error": str(e)}
+
     def _worker_main(self):
         period = 1.0 / float(self._p["frame_rate"])
         next_frame_t = 0.0
+        self._snapshot_stats()
         try:
             while True:
                 with self._cv:
@@ -515,6 +522,7 @@ class InfMLLMNode(LifecycleNode):
                     self._observe(frame)
                 if instr is not None:
                     self._answer(*instr)
+                self._snapshot_stats()
         except BaseException as e:  # the session is lost: the watchdog sees a dead worker and zeroes the velocity
             self._session_lost = True
             self.stats.last_error = f"worker died: {type(e).__name__}: {e}"
@@ -612,7 +620,6 @@ class InfMLLMNode(LifecycleNode):
                 self.get_logger().info(f"action {action.kind} not executed: actions are disarmed")
         frame_stamp = getattr(ans, "frame_stamp", None) if ans is not None else None
         cache = dict(getattr(ans, "cache", None) or {}) if ans is not None else {}
-        self._last_cache = cache or self._last_cache
         stamp = self._stamps.get(frame_stamp) if frame_stamp is not None else None
         if stamp is None and frame_stamp is not None:
             sec = math.floor(frame_stamp)
@@ -644,6 +651,7 @@ class InfMLLMNode(LifecycleNode):
         except Exception as e:
             self._session_error("reset", e)
             ok = False
+        self._snapshot_stats()  # before answering the service: diagnostics then show the empty session
         for ev in events:
             ev.ok = ok
             ev.set()
@@ -729,12 +737,7 @@ class InfMLLMNode(LifecycleNode):
             cb_max = self.stats.cb_max_ms
             lat = list(self.stats.answer_s)
             last_error = self.stats.last_error
-        raw = {}
-        if self._session is not None:
-            try:
-                raw = dict(self._session.stats() or {})
-            except Exception as e:  # stats() must not take diagnostics down
-                raw = {"stats_error": str(e)}
+        raw = self._session_stats if self._session is not None else {}
         inner = raw.get("cache") if isinstance(raw.get("cache"), dict) else {}
 
         def pick(*keys, default=0):
