@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import signal
+import sqlite3
 import sys
 import time
 from pathlib import Path
@@ -128,7 +129,7 @@ def _record(args, ros_args, specs: dict, stop: _Stop) -> int:
                 if args.duration is not None and time.monotonic() - t_start >= args.duration:
                     stop.requested, stop.reason = True, "duration"
             _drain(executor, lambda: total)
-        except OSError as exc:  # disk full, output folder removed: keep what was written, say why, exit 1
+        except (OSError, sqlite3.Error) as exc:  # disk full: keep what was written, say why, exit 1
             stop.reason = f"write failed: {exc}"
             print(f"infmllm-record: error: writing {args.bag} failed: {exc}", file=sys.stderr)
             return 1
@@ -137,7 +138,7 @@ def _record(args, ros_args, specs: dict, stop: _Stop) -> int:
         if writer is not None:
             try:
                 writer.close()  # writes the summary and metadata.yaml: the bag is valid from here on
-            except OSError as exc:
+            except (OSError, sqlite3.Error) as exc:
                 print(f"infmllm-record: error: closing {args.bag} failed, the bag is not valid: {exc}",
                       file=sys.stderr)
         node.destroy_node()

@@ -61,12 +61,13 @@ def run(name: str, *args, domain: int, timeout: float = 120) -> subprocess.Compl
 class Recorder:
     """infmllm-record in its own process; stderr goes to a file so nothing blocks on a full pipe."""
 
-    def __init__(self, out: Path, topics: list[str], domain: int, *extra):
+    def __init__(self, out: Path, topics: list[str], domain: int, *extra, preexec_fn=None):
         self.out = Path(out)
         self.log = self.out.with_name(self.out.name + ".record.log")
         self._log_file = open(self.log, "w")
         self.proc = subprocess.Popen(cli("infmllm-record", out, "--topics", *topics, *extra),
-                                     env=env(domain), stdout=self._log_file, stderr=subprocess.STDOUT)
+                                     env=env(domain), stdout=self._log_file, stderr=subprocess.STDOUT,
+                                     preexec_fn=preexec_fn)
 
     def wait_ready(self, timeout: float = 30) -> None:
         deadline = time.monotonic() + timeout

@@ -6,6 +6,7 @@ stream, identical field by field.
 """
 
 import re
+import resource
 import signal
 import subprocess
 import sys
@@ -93,3 +94,28 @@ def test_duration_and_max_messages_stop_by_themselves(tmp_path, source):
         rec.stop(signal.SIGKILL)
     assert "stopped: max-messages" in rec.text()
     assert len(bag.read_all(tmp_path / "some")) == 7
+
+
+def _file_size_limit(limit: int):
+    def apply():  # in the recorder process: writes past `limit` bytes fail with EFBIG, like a full disk
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    return apply
+
+
+@pytest.mark.parametrize("storage", ["mcap", "sqlite3"])
+def test_full_disk_is_a_clean_error(tmp_path, storage):
+    src = rs.make_video_bag(tmp_path / "src", "--max-frames", 12)  # 768x576 rgb8: 1.3 MB a frame
+    rec = rs.Recorder(tmp_path / "rec", ["/image:sensor_msgs/msg/Image"], DOMAIN, "--qos", "reliable",
+                      "--storage", storage, preexec_fn=_file_size_limit(4_000_000))
+    try:
+        rec.wait_ready()
+        play = rs.run("infmllm-replay", src, "--rate", 0, "--topics", "/image", "--wait-for-subscribers", 1,
+                      domain=DOMAIN)
+        assert play.returncode == 0, play.stderr
+        rc = rec.wait(30)
+    finally:
+        rec.stop(signal.SIGKILL)
+    assert rc == 1 and "Traceback" not in rec.text(), rec.text()
+    assert f"infmllm-record: error: writing {tmp_path / 'rec'} failed" in rec.text()
+    assert "stopped: write failed" in rec.text()
