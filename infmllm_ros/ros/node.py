@@ -164,6 +164,8 @@ class _Stats:
         self.c = collections.Counter()
         self.cb_ms = collections.deque(maxlen=2000)
         self.cb_max_ms = 0.0
+        self.wait_ms = collections.deque(maxlen=2000)  # arrival in this process -> callback start
+        self.wait_max_ms = 0.0
         self.answer_s = collections.deque(maxlen=200)
         self.last_error = ""
         self.rejects = collections.Counter()
@@ -172,10 +174,15 @@ class _Stats:
         with self.lock:
             self.c[key] += n
 
-    def callback(self, ms: float):
+    def callback(self, ms: float, info=None, t_start_ns: int = 0):
+        received = (info or {}).get("received_timestamp", 0) if isinstance(info, dict) else 0
+        wait = (t_start_ns - received) / 1e6 if received and t_start_ns else None
         with self.lock:
             self.cb_ms.append(ms)
             self.cb_max_ms = max(self.cb_max_ms, ms)
+            if wait is not None and wait >= 0:
+                self.wait_ms.append(wait)
+                self.wait_max_ms = max(self.wait_max_ms, wait)
 
 
 def _pct(values, q: float) -> float:
@@ -429,8 +436,8 @@ class InfMLLMNode(LifecycleNode):
         elif self._log_budget[1] == 21:
             self.get_logger().warning("more rejected inputs this second; counting them in /diagnostics only")
 
-    def _on_image(self, raw: bytes):
-        t0 = time.perf_counter()
+    def _on_image(self, raw: bytes, info):
+        t_ns, t0 = time.time_ns(), time.perf_counter()
         try:
             compressed = self._p["image_transport"] == "compressed"
             try:
@@ -453,10 +460,10 @@ class InfMLLMNode(LifecycleNode):
                 self._cv.notify()
             self.stats.inc("frames_in")
         finally:
-            self.stats.callback((time.perf_counter() - t0) * 1e3)
+            self.stats.callback((time.perf_counter() - t0) * 1e3, info, t_ns)
 
-    def _on_instruction(self, raw: bytes):
-        t0 = time.perf_counter()
+    def _on_instruction(self, raw: bytes, info):
+        t_ns, t0 = time.time_ns(), time.perf_counter()
         try:
             limit = int(self._p["max_instruction_chars"])
             try:
@@ -483,7 +490,7 @@ class InfMLLMNode(LifecycleNode):
                 self._cv.notify()
             self.stats.inc("instructions_in")
         finally:
-            self.stats.callback((time.perf_counter() - t0) * 1e3)
+            self.stats.callback((time.perf_counter() - t0) * 1e3, info, t_ns)
 
     # ------------------------------------------------------------------------------------------------ worker
     def _snapshot_stats(self):
@@ -735,6 +742,8 @@ class InfMLLMNode(LifecycleNode):
             c = dict(self.stats.c)
             cb = list(self.stats.cb_ms)
             cb_max = self.stats.cb_max_ms
+            wait = list(self.stats.wait_ms)
+            wait_max = self.stats.wait_max_ms
             lat = list(self.stats.answer_s)
             last_error = self.stats.last_error
         raw = self._session_stats if self._session is not None else {}
@@ -771,6 +780,9 @@ class InfMLLMNode(LifecycleNode):
             "callback_ms_p95": round(_pct(cb, 95), 4),
             "callback_ms_max": round(cb_max, 4),
             "callbacks": len(cb),
+            "callback_wait_ms_p50": round(_pct(wait, 50), 4),
+            "callback_wait_ms_p95": round(_pct(wait, 95), 4),
+            "callback_wait_ms_max": round(wait_max, 4),
             "worker_busy_s": round(time.monotonic() - busy, 3) if busy else 0.0,
             "actions_accepted": self.validator.accepted if self.validator else 0,
             "actions_rejected": self.validator.rejected if self.validator else 0,
