@@ -12,8 +12,10 @@ Script (YAML), times in seconds from the first frame:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import shutil
+import sqlite3
 import sys
 import time
 from pathlib import Path
@@ -124,7 +126,8 @@ def make_bag(source, out, script=(), *, fps=None, start=DEFAULT_START, max_frame
             n_frames += 1
         flush_instructions(None)
     except BaseException:
-        writer.close()
+        with contextlib.suppress(Exception):  # the first error is the one to report
+            writer.close()
         shutil.rmtree(out, ignore_errors=True)  # no half-written bag left behind
         raise
     writer.close()
@@ -175,6 +178,9 @@ def main(argv: list[str] | None = None) -> int:
                         instruction_topic=args.instruction_topic, storage=args.storage, overwrite=args.overwrite)
     except (bag.BagError, media.MediaError) as exc:
         print(f"infmllm-make-bag: error: {exc}", file=sys.stderr)
+        return 1
+    except (OSError, sqlite3.Error) as exc:  # disk full, permissions: the partial bag was removed
+        print(f"infmllm-make-bag: error: writing {args.out} failed: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("infmllm-make-bag: interrupted", file=sys.stderr)

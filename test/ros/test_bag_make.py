@@ -124,3 +124,19 @@ def test_stream_for_demos(tmp_path, native_frames):
     assert items[6][1:] == (pytest.approx(START + 0.55), "What is in front of the robot?")
     decoded = [rgb for k, _, rgb in bag.stream(jpeg) if k == "frame"]
     assert len(decoded) == 12 and np.abs(decoded[3].astype(int) - native_frames[3]).mean() < 6
+
+
+@pytest.mark.parametrize("storage", ["mcap", "sqlite3"])
+def test_full_disk_removes_the_partial_bag(tmp_path, vtest, storage):
+    import resource
+    import signal
+    import subprocess
+
+    def limit():  # writes past 3 MB fail with EFBIG, like a full disk
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (3_000_000, 3_000_000))
+
+    proc = subprocess.run(rs.cli("infmllm-make-bag", vtest, tmp_path / "out", "--max-frames", 10, "--storage",
+                                 storage), env=rs.env(0), capture_output=True, text=True, preexec_fn=limit)
+    assert f"writing {tmp_path / 'out'} failed" in rs.one_line_error(proc, "infmllm-make-bag")
+    assert not (tmp_path / "out").exists()
