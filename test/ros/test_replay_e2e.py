@@ -47,27 +47,28 @@ def video_bag(tmp_path_factory):
                              "--max-frames", "7", script=SCRIPT)
 
 
-def start_node(log: Path) -> subprocess.Popen:
+def start_node(log: Path, params: dict) -> subprocess.Popen:
     args = ["--ros-args", "-r", f"__ns:={rs.NS}"]  # see replay_support.NS; absolute names need their own rules
     args += [a for t in ("/clock", "/diagnostics") for a in ("-r", f"{t}:={rs.NS}{t}")]
-    args += [a for k, v in NODE_PARAMS.items() for a in ("-p", f"{k}:={v}")]
+    args += [a for k, v in params.items() for a in ("-p", f"{k}:={v}")]
     out = open(log, "w")
     return subprocess.Popen(rs.command("infmllm_node") + args, env=rs.env(DOMAIN), stdout=out,
                             stderr=subprocess.STDOUT)
 
 
-def one_session(tmp: Path, video_bag: Path) -> tuple[list[dict], list[str]]:
+def one_session(tmp: Path, video_bag: Path, params: dict = NODE_PARAMS,
+                results_qos: str = "reliable") -> tuple[list[dict], list[str]]:
     """Fresh node, recorder on ~/result and ~/answer, one replay with /clock; returns (results, answers).
 
     Readiness comes from the graph, not from log text: the recorder (transient_local) is up before the node
     publishes anything, and the player waits until the node's `image` and `instruction` subscriptions exist
     (they are created when the node activates, after the model is loaded)."""
-    node = start_node(tmp / "node.log")
+    node = start_node(tmp / "node.log", params)
     rec = None
     try:
         rec = rs.Recorder(tmp / "out", ["/infmllm_node/result:std_msgs/msg/String",
                                         "/infmllm_node/answer:std_msgs/msg/String"], DOMAIN,
-                          "--qos", "reliable", "--max-messages", 6)
+                          "--qos", results_qos, "--max-messages", 6)
         rec.wait_ready()
         play = rs.run("infmllm-replay", video_bag, "--rate", RATE, "--clock", "--wait-for-subscribers", "1",
                       "--wait-timeout", "120", "--delay", "0.5", domain=DOMAIN, timeout=180)
@@ -108,3 +109,19 @@ def test_node_answers_every_instruction_from_bag_replay(tmp_path, video_bag):
             assert cache["budget"] == BUDGET and cache["stored"] <= BUDGET + MAX_NEW_TOKENS <= cache["capacity"], r
         assert runs and results[-1]["cache"]["seen"] > 2 * BUDGET, "stream too short to exercise eviction"
     assert runs[0][1] == runs[1][1]  # greedy decoding: two replays, identical answers
+
+
+def test_compressed_bag_into_node_with_default_qos(tmp_path):
+    """A JPEG (CompressedImage) bag into a node left on its default QoS (best-effort depth-1 image, volatile
+    instruction and outputs): the replay's default QoS matches it and every instruction is answered."""
+    jpeg = rs.make_video_bag(tmp_path / "jpeg", "--resize", "64x48", "--fps", "1", "--max-frames", "7",
+                             "--compressed", script=SCRIPT)
+    params = {"model": "tiny:llava_llama", "use_sim_time": "true", "frame_rate": "50.0",
+              "image_transport": "compressed", "generation.max_new_tokens": str(MAX_NEW_TOKENS)}
+    results, answers = one_session(tmp_path, jpeg, params, results_qos="volatile")
+    frames = [rs.stamp_ns(m) for topic, _, _, m in bag.read_all(jpeg) if topic == "/image"]
+    assert [r["instruction"] for r in results] == [line.split('"')[1] for line in SCRIPT.splitlines()]
+    assert [r["answer"] for r in results] == answers
+    for r, t_said in zip(results, (1.5, 3.5, 5.5), strict=True):
+        newest_before = max(f for f in frames if f <= frames[0] + t_said * 1e9)
+        assert r["frame_stamp"]["sec"] * 10**9 + r["frame_stamp"]["nanosec"] == newest_before, r
