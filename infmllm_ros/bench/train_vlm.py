@@ -72,6 +72,8 @@ class TrainConfig:
     max_frames: int = 12  # frames per training stream: short_share of steps use 1..short_frames, the rest more
     short_frames: int = 3
     short_share: float = 0.5
+    see_share: float = 0.25  # first part of the box: single-frame streams in small batches (learn to see first)
+    see_batch: int = 24
     max_questions: int = 4
     seed: int = 0
     threads: int = 2
@@ -285,8 +287,9 @@ def train(cfg: TrainConfig, out: str | os.PathLike | None = None, log=print) -> 
             break
         for g in opt.param_groups:
             g["lr"] = lr_at(frac, cfg.lr)
-        n, samples = frames_for_step(rng, cfg), []
-        while len(samples) < cfg.max_batch and (len(samples) + 1) * max(
+        seeing = frac < cfg.see_share
+        n, samples = (1 if seeing else frames_for_step(rng, cfg)), []
+        while len(samples) < (cfg.see_batch if seeing else cfg.max_batch) and (len(samples) + 1) * max(
                 [len(x.ids) for x in samples] + [0]) < cfg.tokens_per_batch:
             samples.append(training_sample(rng, enc, cfg, n))
         batch = collate(samples, enc, proc.tokenizer.pad_token_id)
@@ -410,6 +413,7 @@ def main(argv=None) -> int:
     p.add_argument("--tokens-per-batch", type=int, default=3000)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--max-frames", type=int, default=12)
+    p.add_argument("--see-share", type=float, default=0.25, help="share of the box on single frames first")
     p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps instead of the time box")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--log-every", type=int, default=20)
@@ -425,7 +429,7 @@ def main(argv=None) -> int:
         model_dir = a.eval_only
     else:
         cfg = TrainConfig(minutes=a.minutes, size=a.size, tokens_per_batch=a.tokens_per_batch, lr=a.lr,
-                          max_frames=a.max_frames, log_every=a.log_every,
+                          max_frames=a.max_frames, log_every=a.log_every, see_share=a.see_share,
                           seed=a.seed, threads=a.threads, max_steps=a.max_steps)
         res = train(cfg, a.out)
         model_dir = a.out
