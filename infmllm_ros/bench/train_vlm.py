@@ -21,7 +21,7 @@ import shutil
 import tempfile
 import time
 from collections import Counter, defaultdict
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -79,6 +79,7 @@ class TrainConfig:
     threads: int = 2
     max_steps: int | None = None
     log_every: int = 20
+    monitor_every: int = 0  # steps between held-out teacher-forced exact checks (0: none; a multiple of log_every)
 
 
 # ----------------------------------------------------------------------------------------------- model + processor
@@ -154,6 +155,7 @@ class Sample:
     ids: list[int]
     labels: list[int]  # -100 outside answers
     images: list[np.ndarray]
+    spans: list[tuple[int, int, str]] = field(default_factory=list)  # (start, end, kind) of each answer + </s>
 
 
 class Encoder:
@@ -209,7 +211,7 @@ class Encoder:
         by_frame = defaultdict(list)
         for e in events:
             by_frame[e.frame].append(e)
-        ids, labels, images = list(self.prefix), [-100] * len(self.prefix), []
+        ids, labels, images, spans = list(self.prefix), [-100] * len(self.prefix), [], []
         for f in frames:
             piece = self.frame_ids(f.t + t_offset)
             ids += piece
@@ -221,9 +223,10 @@ class Encoder:
                 labels += [-100] * len(piece)
                 if answers:
                     piece = self.answer_ids(e.answer)
+                    spans.append((len(ids), len(ids) + len(piece), e.kind))
                     ids += piece + self.after_answer
                     labels += piece + [-100] * len(self.after_answer)
-        return Sample(ids, labels, images)
+        return Sample(ids, labels, images, spans)
 
 
 def frames_for_step(rng: np.random.Generator, cfg: TrainConfig) -> int:
@@ -258,6 +261,36 @@ def collate(samples: list[Sample], enc: Encoder, pad_id: int) -> dict[str, torch
 # ----------------------------------------------------------------------------------------------- training
 
 
+MONITOR_SEED_BASE = 500_000  # held out from training, apart from the evaluate() seeds
+
+
+def monitor_samples(enc: Encoder, n: int = 48, n_frames: int = 6) -> list[Sample]:
+    return [enc.sample(ep.frames, ep.events) for ep in
+            (world.make_episode(MONITOR_SEED_BASE + k, n_frames, 4) for k in range(n)) if ep.events]
+
+
+@torch.no_grad()
+def teacher_forced_exact(model, enc: Encoder, samples: list[Sample], batch: int = 8) -> dict[str, float]:
+    """Share of answers whose every token (and </s>) is the argmax given the true prefix, per kind. That is exactly
+    the share greedy decoding gets right token for token, at the cost of one forward."""
+    hits, counts = Counter(), Counter()
+    was_training = model.training
+    model.eval()
+    for i in range(0, len(samples), batch):
+        part = samples[i:i + batch]
+        b = collate(part, enc, enc.tok.pad_token_id)
+        b.pop("labels")
+        pred = model(**b).logits.argmax(-1)
+        for row, s in enumerate(part):
+            for start, end, kind in s.spans:
+                ok = torch.equal(pred[row, start - 1:end - 1], b["input_ids"][row, start:end])
+                hits[kind] += ok
+                counts[kind] += 1
+    model.train(was_training)
+    return {k: round(hits[k] / counts[k], 3) for k in sorted(counts)}
+
+
+
 def lr_at(frac: float, base: float) -> float:
     """Linear warm-up over the first 3% of the time box, cosine down to 10% after."""
     if frac < 0.03:
@@ -278,6 +311,7 @@ def train(cfg: TrainConfig, out: str | os.PathLike | None = None, log=print) -> 
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay}, {"params": other, "weight_decay": 0}],
                             lr=cfg.lr, betas=(0.9, 0.98))
     box = cfg.minutes * 60.0
+    monitor = monitor_samples(enc) if cfg.monitor_every else []
     t0 = time.monotonic()
     losses, history, step, tokens = [], [], 0, 0
     while True:
@@ -305,8 +339,10 @@ def train(cfg: TrainConfig, out: str | os.PathLike | None = None, log=print) -> 
             mean = float(np.mean(losses[-cfg.log_every:]))
             history.append({"step": step, "seconds": round(time.monotonic() - t0, 1), "loss": round(mean, 4),
                             "tokens": tokens})
+            if cfg.monitor_every and step % cfg.monitor_every == 0:
+                history[-1]["exact"] = teacher_forced_exact(model, enc, monitor)
             log(f"step {step:6d}  {history[-1]['seconds']:7.1f}s  loss {mean:.4f}  lr {opt.param_groups[0]['lr']:.2e}"
-                f"  tokens {tokens}")
+                f"  tokens {tokens}" + (f"  held-out exact {history[-1]['exact']}" if "exact" in history[-1] else ""))
     model.eval()
     record = {"steps": step, "seconds": round(time.monotonic() - t0, 1), "first_loss": losses[0] if losses else None,
               "last_loss": float(np.mean(losses[-cfg.log_every:])) if losses else None, "history": history,
@@ -417,6 +453,7 @@ def main(argv=None) -> int:
     p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps instead of the time box")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--log-every", type=int, default=20)
+    p.add_argument("--monitor-every", type=int, default=100, help="steps between held-out exact-match checks")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=str(DEFAULT_OUT), help=f"output dir (default {DEFAULT_OUT})")
     p.add_argument("--eval-seeds", type=int, default=20, help="held-out episodes evaluated after training (0: none)")
@@ -430,6 +467,7 @@ def main(argv=None) -> int:
     else:
         cfg = TrainConfig(minutes=a.minutes, size=a.size, tokens_per_batch=a.tokens_per_batch, lr=a.lr,
                           max_frames=a.max_frames, log_every=a.log_every, see_share=a.see_share,
+                          monitor_every=a.monitor_every,
                           seed=a.seed, threads=a.threads, max_steps=a.max_steps)
         res = train(cfg, a.out)
         model_dir = a.out

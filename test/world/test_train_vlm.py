@@ -68,11 +68,13 @@ def test_training_ids_equal_what_the_session_feeds(tiny):
 @pytest.mark.slow
 def test_short_training_run_learns_saves_and_reloads(tmp_path):
     cfg = tv.TrainConfig(size="tiny", max_steps=60, tokens_per_batch=500, max_frames=3, short_frames=1,
-                         max_questions=2, lr=5e-3, log_every=5)
+                         max_questions=2, lr=5e-3, log_every=5, monitor_every=30)
     res = tv.train(cfg, tmp_path / "m", log=lambda *_: None)
     assert res["steps"] == 60
     losses = [h["loss"] for h in res["history"]]
     assert losses[-1] < 0.6 * losses[0], losses
+    monitored = [h["exact"] for h in res["history"] if "exact" in h]
+    assert len(monitored) == 2 and all(0.0 <= v <= 1.0 for m in monitored for v in m.values())
     from safetensors import safe_open
 
     with safe_open(str(tmp_path / "m" / "model.safetensors"), "pt") as f:
@@ -99,6 +101,25 @@ def test_short_training_run_learns_saves_and_reloads(tmp_path):
     with torch.no_grad():
         assert torch.equal(m2(**batch).logits, ref(**batch).logits)
     assert p2.tokenizer.get_vocab() == res["processor"].tokenizer.get_vocab()
+
+    # teacher-forced exact match (the training monitor) == greedy decoding gives the answer's tokens
+    agree = []
+    for seed in range(12):
+        ep = world.make_episode(100 + seed, 3, 1)
+        if not ep.events:
+            continue
+        e = ep.events[0]
+        s = enc.sample(ep.frames[:e.frame + 1], [e])
+        tf_ok = tv.teacher_forced_exact(model, enc, [s])[e.kind] == 1.0
+        ids = torch.tensor([enc.sample(ep.frames[:e.frame + 1], [e], answers=False).ids])
+        pixels = torch.stack([enc.pixels(f.rgb) for f in ep.frames[:e.frame + 1]])
+        with torch.no_grad():
+            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pixels,
+                                 max_new_tokens=40, do_sample=False, eos_token_id=enc.eos, pad_token_id=0)
+        want = enc.answer_ids(e.answer)
+        agree.append((tf_ok, out[0, ids.shape[1]:ids.shape[1] + len(want)].tolist() == want))
+    assert len(agree) >= 8 and all(a == b for a, b in agree), agree
+    assert any(a for a, _ in agree)  # "stop" at least is learnt in 60 steps
 
     ev = tv.evaluate(tmp_path / "m", seeds=[0, 1], n_frames=4, n_questions=3)
     assert ev["n"] >= 4 and set(ev["kinds"]) <= set(world.KINDS)
