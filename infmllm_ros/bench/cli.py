@@ -15,6 +15,7 @@ COMMANDS = {
     "cost": ("infmllm_ros.bench.cost", "latency, KV bytes, peak memory vs stream length, ratios to StreamingLLM"),
     "report": ("infmllm_ros.bench.report", "regenerate docs/BENCHMARKS.md from the JSON results"),
     "train-vlm": ("infmllm_ros.bench.train_vlm", "train the embedded robot VLM on the synthetic world (time-boxed)"),
+    "recall": ("infmllm_ros.bench.recall", "accuracy vs distance on held-out world episodes, per cache policy"),
 }
 
 

@@ -12,11 +12,12 @@ import json
 import os
 from pathlib import Path
 
-from infmllm_ros.bench import cache_cost_view, common, cost, metrics, text_ppl, train_lm
+from infmllm_ros.bench import cache_cost_view, common, cost, metrics, recall, text_ppl, train_lm
 
-RENDERERS = {"train_lm": train_lm, "text_ppl": text_ppl, "cost": cost, "cache_cost": cache_cost_view}
-ORDER = ["train_lm", "text_ppl", "cost", "cache_cost"]
-TITLES = {"train_lm": "Model", "text_ppl": "Quality", "cost": "Cost", "cache_cost": "Cache cost"}
+RENDERERS = {"train_lm": train_lm, "text_ppl": text_ppl, "cost": cost, "cache_cost": cache_cost_view, "recall": recall}
+ORDER = ["train_lm", "text_ppl", "cost", "cache_cost", "recall"]
+TITLES = {"train_lm": "Model", "text_ppl": "Quality", "cost": "Cost", "cache_cost": "Cache cost",
+          "recall": "Recall vs distance"}
 SETUP = ["apt-get install -y bible-kjv            # the KJV text (Debian bible-kjv + bible-kjv-text), as root",
          "pip install -e . && pip install matplotlib"]
 
@@ -63,12 +64,18 @@ def findings(results: list[tuple[Path, dict]]) -> list[str]:
                            f"collapse detected: {'yes' if r['collapsed'] else 'no'}.")
             if res.get("skipped"):
                 out.append(f"`{path.name}`: bounded policies skipped: {res['skipped']}.")
+            over = text_ppl.beyond_context(res)
+            if over:
+                out.append(f"`{path.name}`: budget {', '.join(map(str, over))} + chunk {res['chunk']} passes the "
+                           f"model's {res['model_info']['max_position_embeddings']} trained positions (see the note).")
         elif res["kind"] in ("cost", "cache_cost"):
             longest = max((r["length"] for r in res["rows"]), default=0)
             at = [r for r in res["rows"] if r["length"] == longest]
             parts = [f"{r['policy']} {r['chunk_ms']:.1f} ms/chunk, {r['stored_kv_bytes'] / 2**20:.1f} MiB KV"
                      for r in at]
             out.append(f"`{path.name}` at {longest} tokens: " + "; ".join(parts) + ".")
+        elif res["kind"] == "recall":
+            out += recall.findings(path.name, res)
     return out
 
 
