@@ -51,6 +51,15 @@ def correct(got: str, truth: str) -> bool:
     return world.normalize_answer(got) == world.normalize_answer(truth)
 
 
+def valid_action(text: str) -> bool:
+    """Whether an answer is an action of the vocabulary (the node rejects anything else: no motion)."""
+    try:
+        world.validate_action(text.strip())
+        return True
+    except ValueError:
+        return False
+
+
 @dataclass
 class Record:
     policy: str
@@ -68,6 +77,7 @@ class Record:
     seen: int
     finish_reason: str
     latency_s: float
+    valid_action: bool | None = None  # action questions: the answer parses as an action of the vocabulary
 
 
 def policy_specs(saddle_sweep=DEFAULT_SADDLE, names=None) -> list[PolicySpec]:
@@ -104,7 +114,8 @@ def stream_episode(session, ep: world.Episode, policy: str, max_new_tokens: int,
             stored, seen = stored_of(session.stats())
             records.append(Record(policy, ep.seed, e.frame, e.kind, e.template, e.question, e.answer, a.text,
                                   correct(a.text, e.answer), e.distance, bucket(e.distance), stored, seen,
-                                  getattr(a, "finish_reason", ""), round(float(getattr(a, "latency_s", 0.0)), 4)))
+                                  getattr(a, "finish_reason", ""), round(float(getattr(a, "latency_s", 0.0)), 4),
+                                  valid_action(a.text) if e.kind == "action" else None))
     return records, max_after_frame
 
 
@@ -119,6 +130,9 @@ def tables(rows: list[dict], window_frames: int) -> dict:
            "by_kind": {k: _cell([r for r in rows if r["kind"] == k]) for k in world.KINDS},
            "by_kind_bucket": {k: {b: _cell([r for r in rows if r["kind"] == k and r["bucket"] == b])
                                   for b in BUCKET_NAMES} for k in world.KINDS}}
+    actions = [r for r in rows if r["kind"] == "action"]
+    out["valid_actions"] = round(sum(bool(r.get("valid_action")) for r in actions) / len(actions), 4) if actions \
+        else None
     out["past_beyond_window"] = _cell([r for r in rows if r["kind"] == "past" and r["distance"] is not None
                                        and r["distance"] > window_frames])
     return out
@@ -130,7 +144,8 @@ def majority_rows(rows: list[dict]) -> list[dict]:
     for r in rows:
         counts[r["template"]][world.normalize_answer(r["truth"])] += 1
     common_answer = {t: c.most_common(1)[0][0] for t, c in counts.items()}
-    return [{**r, "correct": world.normalize_answer(r["truth"]) == common_answer[r["template"]]} for r in rows]
+    return [{**r, "correct": world.normalize_answer(r["truth"]) == common_answer[r["template"]],
+             "valid_action": True if r["kind"] == "action" else None} for r in rows]
 
 
 def episode_tokens_bound(ep: world.Episode, frame_tokens: int, max_new_tokens: int, question_tokens: int = 64) -> int:
@@ -230,14 +245,16 @@ def markdown(res: dict) -> str:
              "Accuracy (number of questions) per distance bucket (frames between seeing the thing and the question; "
              "none = nothing seen):\n"]
     rows_for = list(res["policies"].items()) + ([("majority", res["majority"])] if res["majority"] else [])
-    header = ["policy", "all", *res["buckets"], *res["kinds"], f"past > {res['window_frames']} frames", "s"]
+    header = ["policy", "all", *res["buckets"], *res["kinds"], f"past > {res['window_frames']} frames",
+              "valid action JSON", "s"]
     rows = []
     for name, e in rows_for:
         if "skipped" in e:
             rows.append([name, f"skipped: {e['skipped']}"] + [""] * (len(header) - 2))
             continue
         rows.append([name, _acc(e["overall"]), *[_acc(e["by_bucket"][b]) for b in res["buckets"]],
-                     *[_acc(e["by_kind"][k]) for k in res["kinds"]], _acc(e["past_beyond_window"]), e.get("seconds")])
+                     *[_acc(e["by_kind"][k]) for k in res["kinds"]], _acc(e["past_beyond_window"]),
+                     "" if e.get("valid_actions") is None else f"{100 * e['valid_actions']:.0f} %", e.get("seconds")])
     lines.append(common.md_table(header, rows))
     for kind in res["kinds"]:
         rows = [[name, *[_acc(e["by_kind_bucket"][kind][b]) for b in res["buckets"]]]

@@ -134,6 +134,7 @@ def test_truth_scores_100_and_garbage_scores_0(tmp_path, truthful):
     for e in res["policies"].values():
         cells = [e["overall"], *e["by_bucket"].values(), *e["by_kind"].values(), e["past_beyond_window"]]
         assert all(c["accuracy"] == want for c in cells if c["n"]), e
+        assert e["valid_actions"] == want  # the truth's action JSON (reordered) is valid, "a {...} maybe" is not
     assert res["majority"]["overall"]["accuracy"] not in (0.0, 1.0)
 
 
