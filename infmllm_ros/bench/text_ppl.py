@@ -139,6 +139,12 @@ def run(model, ids: torch.Tensor, budgets, chunk: int, saddle_sweep=policies.DEF
             "skipped": skipped_reason, "rows": rows + full_rows}
 
 
+def beyond_context(res: dict) -> list[int]:
+    """Budgets whose window (budget + chunk) passes the model's trained/max positions."""
+    limit = res["model_info"].get("max_position_embeddings")
+    return [b for b in res["budgets"] if limit and b + res["chunk"] > limit]
+
+
 def markdown(res: dict) -> str:
     m = res["machine"]
     lines = ["### Streaming perplexity (`text`)\n",
@@ -149,6 +155,12 @@ def markdown(res: dict) -> str:
              f"`{res['command']}`\n"]
     if res.get("skipped"):
         lines.append(f"**Skipped policies**: {res['skipped']}.\n")
+    over = beyond_context(res)
+    if over:
+        lines.append(f"**Note**: at budget {', '.join(map(str, over))} a chunk's last query sees budget + chunk = "
+                     f"{over[0] + res['chunk']}+ positions, more than the model's "
+                     f"{res['model_info']['max_position_embeddings']}: the reference and every policy then run past "
+                     f"the trained context too (keep budget + chunk <= trained context for a clean comparison).\n")
     header = ["policy", "PPL", "x reference", "first window", "last window", "last/first", "> 5 %", "collapse", "s"]
     for budget in res["budgets"]:
         rows = []

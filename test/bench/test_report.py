@@ -44,3 +44,12 @@ def test_report_without_results(tmp_path):
     output = tmp_path / "BENCHMARKS.md"
     assert report.main(["--results", str(tmp_path / "none"), "--output", str(output)]) == 0
     assert "No results yet" in output.read_text()
+
+
+def test_budget_beyond_the_trained_context_is_noted(results_dir, tmp_path):
+    res = json.loads((results_dir / "text_ppl.json").read_text())
+    assert res["model_info"]["max_position_embeddings"] == 64 and res["chunk"] == 32
+    from infmllm_ros.bench import text_ppl
+
+    assert text_ppl.beyond_context(res) == [64]  # 64 + 32 > 64; 32 + 32 is not
+    assert "**Note**: at budget 64" in text_ppl.markdown(res)
