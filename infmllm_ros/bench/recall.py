@@ -32,7 +32,8 @@ DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "assets" / "robot_vlm"  # 
 BUCKETS = (("0", 0, 0), ("1-4", 1, 4), ("5-16", 5, 16), ("17-64", 17, 64), ("65+", 65, None))
 NONE_BUCKET = "none"  # nothing was seen ("stop", a target never seen)
 BUCKET_NAMES = [b[0] for b in BUCKETS] + [NONE_BUCKET]
-DEFAULT_SADDLE = ("linear:1", "none:0", "age_decay:0.5")
+DEFAULT_SADDLE = policies.DEFAULT_SADDLE_SWEEP  # the same sweep as `text`
+DEFAULT_SEEDS = list(range(16))  # held out: train-vlm trains on seeds >= 1,000,000 (monitor: 500,000+)
 FULL = PolicySpec("full", "full")
 STAMP0 = 1_764_000_000.0  # header stamps are epoch seconds; the session makes time markers relative
 
@@ -234,6 +235,7 @@ def _acc(cell: dict | None) -> str:
 
 
 def markdown(res: dict) -> str:
+    trained = (res.get("model_info") or {}).get("trained_max_frames")
     lines = ["### Recall vs distance (`recall`)\n",
              f"Model `{res['model']}`; held-out seeds {res['seeds']}, {res['frames']} frames and up to "
              f"{res['questions_per_episode']} questions per episode ({res['n_questions']} questions); budget "
@@ -242,6 +244,8 @@ def markdown(res: dict) -> str:
              f"{res['max_new_tokens']} new tokens; "
              f"{res['device']} {res['dtype']}; {common.describe_machine(res['machine'])}; commit {res['commit']}.\n",
              f"`{res['command']}`\n",
+             f"The full cache never evicts: its positions run up to {res['full_budget']} tokens"
+             + (f" (the model trained on streams of at most {trained} frames)" if trained else "") + ".\n",
              "Accuracy (number of questions) per distance bucket (frames between seeing the thing and the question; "
              "none = nothing seen):\n"]
     rows_for = list(res["policies"].items()) + ([("majority", res["majority"])] if res["majority"] else [])
@@ -311,15 +315,21 @@ def findings(name: str, res: dict) -> list[str]:
 # ----------------------------------------------------------------------------------------------- CLI
 
 
-def model_info(model) -> dict:
-    return {"class": type(model).__name__, "parameters": sum(p.numel() for p in model.parameters()),
+def model_info(model, path: str | None = None) -> dict:
+    info = {"class": type(model).__name__, "parameters": sum(p.numel() for p in model.parameters()),
             "dtype": str(next(model.parameters()).dtype).replace("torch.", "")}
+    record = Path(path) / "train_record.json" if path else None
+    if record is not None and record.is_file():  # written by train-vlm: the longest stream it trained on
+        import json
+
+        info["trained_max_frames"] = json.loads(record.read_text()).get("config", {}).get("max_frames")
+    return info
 
 
 def parse(argv):
     p = argparse.ArgumentParser(prog="infmllm-bench recall", description=__doc__.splitlines()[0])
     p.add_argument("--model", default=None, help=f"local VLM folder (default: the embedded {DEFAULT_MODEL})")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3], help="held-out world seeds")
+    p.add_argument("--seeds", type=int, nargs="+", default=DEFAULT_SEEDS, help="held-out world seeds (default 0..15)")
     p.add_argument("--frames", type=int, default=96, help="frames per episode")
     p.add_argument("--questions", type=int, default=None, help="questions per episode (default frames // 3)")
     p.add_argument("--budget", type=int, default=128, help="tokens stored per layer after each eviction")
@@ -346,7 +356,7 @@ def main(argv=None, session_factory: SessionFactory | None = None, model=None, p
     dtype = getattr(torch, a.dtype)
     m = common.machine()
     common.print_machine(m)
-    model_name = a.model or str(DEFAULT_MODEL)
+    model_name, model_path = a.model or str(DEFAULT_MODEL), None
     if session_factory is None:
         if model is None:
             if not (Path(model_name) / "config.json").is_file():
@@ -356,6 +366,7 @@ def main(argv=None, session_factory: SessionFactory | None = None, model=None, p
             from infmllm_ros.engine import loading
 
             model, processor = loading.load(model_name, device=device, dtype=dtype)
+            model_path = model_name
         else:
             model_name = a.model or f"in-memory {type(model).__name__}"
         session_factory = session_factory_for(model, processor)
@@ -367,7 +378,7 @@ def main(argv=None, session_factory: SessionFactory | None = None, model=None, p
           f"policies {[s.name for s in specs]}, model {model_name}", flush=True)
     res = run(session_factory, a.seeds, a.frames, questions, a.budget, specs, a.max_new_tokens, a.max_chunk,
               a.full_max)
-    res.update(kind="recall", model=model_name, model_info=model_info(model) if model is not None else None,
+    res.update(kind="recall", model=model_name, model_info=model_info(model, model_path) if model is not None else None,
                device=str(device), dtype=a.dtype, machine=m, commit=common.git_commit(),
                command=common.command_line(["recall", *argv]))
     paths = common.write_results(a.out, a.name, res, markdown(res))

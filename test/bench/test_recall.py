@@ -16,8 +16,8 @@ from infmllm_ros.bench import recall, report
 SEEDS, FRAMES, QUESTIONS, BUDGET, NEW = (0, 1), 16, 6, 48, 3
 ARGS = ["--seeds", *map(str, SEEDS), "--frames", str(FRAMES), "--questions", str(QUESTIONS), "--budget", str(BUDGET),
         "--max-new-tokens", str(NEW), "--threads", "1"]
-POLICIES = {"full", "window_no_sinks", "streaming_llm", "h2o", "saddle[linear,1]", "saddle[none,0]",
-            "saddle[age_decay,0.5]"}
+POLICIES = {"full", "window_no_sinks", "streaming_llm", "h2o", "saddle[none,0]", "saddle[linear,0.5]",
+            "saddle[linear,1]", "saddle[linear,2]", "saddle[age_decay,0.1]", "saddle[age_decay,0.5]"}
 
 
 @pytest.fixture(scope="module")
