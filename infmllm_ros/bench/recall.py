@@ -208,11 +208,13 @@ def run(factory: SessionFactory, seeds, n_frames: int, n_questions: int, budget:
             "n_questions": sum(len(ep.events) for ep in eps), "budget": budget, "full_budget": full_budget,
             "frame_tokens": frame_tokens, "window_frames": window_frames, "max_new_tokens": max_new_tokens,
             "buckets": BUCKET_NAMES, "kinds": list(world.KINDS), "policies": per_policy, "majority": majority,
-            "target": target(per_policy), "records": records}
+            "target": target(per_policy, records, window_frames), "records": records}
 
 
-def target(per_policy: dict, points: float = 10.0) -> dict | None:
-    """The issue's target: best saddle vs StreamingLLM on past questions beyond the window, in accuracy points."""
+def target(per_policy: dict, records: list[dict] | None = None, window_frames: int = 0,
+           points: float = 10.0) -> dict | None:
+    """The issue's target: best saddle vs StreamingLLM on past questions beyond the window, in accuracy points; with
+    the records, also the paired counts (questions only the saddle got right / only StreamingLLM got right)."""
     base = per_policy.get("streaming_llm", {}).get("past_beyond_window", {})
     saddles = {n: e["past_beyond_window"] for n, e in per_policy.items()
                if n.startswith("saddle") and "skipped" not in e and e["past_beyond_window"]["n"]}
@@ -220,9 +222,18 @@ def target(per_policy: dict, points: float = 10.0) -> dict | None:
         return None
     name = max(saddles, key=lambda n: saddles[n]["accuracy"])
     delta = round(100 * (saddles[name]["accuracy"] - base["accuracy"]), 1)
-    return {"n": base["n"], "streaming_llm": base["accuracy"], "best_saddle": name,
-            "best_saddle_accuracy": saddles[name]["accuracy"], "delta_points": delta, "target_points": points,
-            "met": delta >= points}
+    out = {"n": base["n"], "streaming_llm": base["accuracy"], "best_saddle": name,
+           "best_saddle_accuracy": saddles[name]["accuracy"], "delta_points": delta, "target_points": points,
+           "met": delta >= points}
+    if records:
+        def beyond(policy):
+            return [r["correct"] for r in records if r["policy"] == policy and r["kind"] == "past"
+                    and r["distance"] is not None and r["distance"] > window_frames]
+
+        pairs = list(zip(beyond(name), beyond("streaming_llm"), strict=True))
+        out["only_saddle_right"] = sum(a and not b for a, b in pairs)
+        out["only_streaming_llm_right"] = sum(b and not a for a, b in pairs)
+    return out
 
 
 # ----------------------------------------------------------------------------------------------- output
@@ -270,7 +281,10 @@ def markdown(res: dict) -> str:
         lines.append(f"\nTarget (saddle >= StreamingLLM + {t['target_points']:g} points on past questions beyond "
                      f"{res['window_frames']} frames, n={t['n']}): best {t['best_saddle']} "
                      f"{100 * t['best_saddle_accuracy']:.0f} % vs streaming_llm {100 * t['streaming_llm']:.0f} % "
-                     f"({t['delta_points']:+.1f} points): **{'met' if t['met'] else 'not met'}**.\n")
+                     f"({t['delta_points']:+.1f} points): **{'met' if t['met'] else 'not met'}**"
+                     + (f"; paired: {t['only_saddle_right']} questions only the saddle got right, "
+                        f"{t['only_streaming_llm_right']} only streaming_llm" if "only_saddle_right" in t else "")
+                     + ".\n")
     return "\n".join(lines)
 
 

@@ -159,3 +159,20 @@ def test_report_has_a_recall_section(tiny_run, tmp_path):
     assert "## Recall vs distance (recall.json)" in md and "![recall](bench/recall.png)" in md
     assert "| saddle[linear,1] |" in md and res["command"] in md and "held-out questions at budget 48" in md
     assert (results / "recall.png").stat().st_size > 0
+
+
+def test_target_compares_the_best_saddle_with_streaming_llm_beyond_the_window():
+    def rec(policy, distance, ok, kind="past"):
+        return {"policy": policy, "kind": kind, "distance": distance, "bucket": recall.bucket(distance),
+                "correct": ok, "template": "colour_past", "truth": "red"}
+
+    oks = {"streaming_llm": [True, False, True, False], "saddle[linear,1]": [True, True, True, False],
+           "saddle[none,0]": [False, False, False, True]}
+    records = [rec(p, d, ok) for p, v in oks.items() for d, ok in zip((5, 9, 20, 70), v, strict=True)]
+    records += [rec(p, 2, p == "streaming_llm") for p in oks]  # inside the window: not counted
+    records += [rec(p, 8, False, kind="action") for p in oks]  # not a past question: not counted
+    per = {p: recall.tables([r for r in records if r["policy"] == p], window_frames=4) for p in oks}
+    assert per["streaming_llm"]["past_beyond_window"] == {"n": 4, "correct": 2, "accuracy": 0.5}
+    t = recall.target(per, records, window_frames=4)
+    assert t["best_saddle"] == "saddle[linear,1]" and t["delta_points"] == 25.0 and t["met"]
+    assert (t["only_saddle_right"], t["only_streaming_llm_right"]) == (1, 0)
