@@ -79,6 +79,7 @@ class TrainConfig:
     threads: int = 2
     max_steps: int | None = None
     log_every: int = 20
+    init: str | None = None  # start from the weights of a saved model (same size and tokenizer) instead of fresh ones
     monitor_every: int = 0  # steps between held-out teacher-forced exact checks (0: none; a multiple of log_every)
 
 
@@ -303,6 +304,11 @@ def train(cfg: TrainConfig, out: str | os.PathLike | None = None, log=print) -> 
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     model, proc = build(cfg.size, cfg.seed)
+    if cfg.init:
+        saved, saved_proc = load(cfg.init)
+        if saved_proc.tokenizer.get_vocab() != proc.tokenizer.get_vocab():
+            raise ValueError(f"{cfg.init} has another tokenizer; cannot continue from it")
+        model.load_state_dict({k: v.float() for k, v in saved.state_dict().items()})
     model.train()
     enc = Encoder(model, proc)
     rng = np.random.Generator(np.random.PCG64([cfg.seed, 7]))
@@ -316,7 +322,7 @@ def train(cfg: TrainConfig, out: str | os.PathLike | None = None, log=print) -> 
     losses, history, step, tokens = [], [], 0, 0
     while True:
         elapsed = time.monotonic() - t0
-        frac = elapsed / box if cfg.max_steps is None else step / cfg.max_steps
+        frac = elapsed / box if cfg.max_steps is None else step / cfg.max_steps if cfg.max_steps else 1.0
         if frac >= 1.0:
             break
         for g in opt.param_groups:
@@ -449,6 +455,7 @@ def main(argv=None) -> int:
     p.add_argument("--tokens-per-batch", type=int, default=3000)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--max-frames", type=int, default=12)
+    p.add_argument("--init", metavar="MODEL_DIR", help="continue from a saved model's weights")
     p.add_argument("--see-share", type=float, default=0.25, help="share of the box on single frames first")
     p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps instead of the time box")
     p.add_argument("--threads", type=int, default=2)
@@ -467,7 +474,7 @@ def main(argv=None) -> int:
     else:
         cfg = TrainConfig(minutes=a.minutes, size=a.size, tokens_per_batch=a.tokens_per_batch, lr=a.lr,
                           max_frames=a.max_frames, log_every=a.log_every, see_share=a.see_share,
-                          monitor_every=a.monitor_every,
+                          monitor_every=a.monitor_every, init=a.init,
                           seed=a.seed, threads=a.threads, max_steps=a.max_steps)
         res = train(cfg, a.out)
         model_dir = a.out

@@ -94,6 +94,10 @@ def test_short_training_run_learns_saves_and_reloads(tmp_path):
     batch.pop("labels")
     with torch.no_grad():
         assert torch.equal(model(**batch).logits, ref(**batch).logits)
+    # --init continues from the saved weights
+    cont = tv.train(tv.TrainConfig(size="tiny", init=str(tmp_path / "m"), max_steps=0))["model"].eval()
+    with torch.no_grad():
+        assert torch.equal(cont(**batch).logits, ref(**batch).logits)
     # the engine's loader (the session's path) takes it too
     from infmllm_ros.engine import loading
 
