@@ -14,6 +14,9 @@ venv: $(STAMP)
 
 # Reinstall whenever the requirements or the package metadata change.
 $(STAMP): requirements.txt setup.py package.xml
+	@# Debian's KJV text for the text benchmark and its corpus test (best effort: root + apt only; else they skip).
+	command -v bible >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	  (apt-get update -qq && apt-get install -y -qq bible-kjv) >/dev/null 2>&1; } || true
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --disable-pip-version-check --no-cache-dir -r requirements.txt 2>&1 | grep -v "^WARNING: Location" || true
 	$(BIN)/pip install -q --disable-pip-version-check --no-deps -e . 2>&1 | grep -v "^WARNING: Location" || true
