@@ -1,6 +1,7 @@
 # Two commands matter: `make demo` (the main job on the embedded default) and `make test` (the whole suite).
 # Both create .venv if missing and install what they need; nothing else must be installed by hand.
 SHELL := /bin/bash
+.SHELLFLAGS := -o pipefail -c
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -18,8 +19,9 @@ $(STAMP): requirements.txt setup.py package.xml
 	command -v bible >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
 	  (apt-get update -qq && apt-get install -y -qq bible-kjv) >/dev/null 2>&1; } || true
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/pip install -q --disable-pip-version-check --no-cache-dir -r requirements.txt 2>&1 | grep -v "^WARNING: Location" || true
-	$(BIN)/pip install -q --disable-pip-version-check --no-deps -e . 2>&1 | grep -v "^WARNING: Location" || true
+	@# (pip's noise about this machine's local index folders is filtered; pipefail keeps pip's exit status)
+	$(BIN)/pip install -q --disable-pip-version-check --no-cache-dir -r requirements.txt 2>&1 | { grep -v "^WARNING: Location" || true; }
+	$(BIN)/pip install -q --disable-pip-version-check --no-deps -e . 2>&1 | { grep -v "^WARNING: Location" || true; }
 	$(BIN)/python -c "import torch, transformers, rclpy, rosbags, infmllm_ros"
 	touch $(STAMP)
 
