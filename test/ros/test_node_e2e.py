@@ -9,6 +9,7 @@ import json
 import time
 
 import pytest
+import yaml
 from _harness import REPO, Client, NodeProcess, diag_values, domain, make_image
 
 pytestmark = pytest.mark.ros
@@ -132,7 +133,8 @@ def test_parameters_from_yaml_and_overrides(env):
         got[n] = v.double_value if v.type == 3 else v.integer_value if v.type == 2 else v.string_value
     assert got["frame_rate"] == 5.0 and got["cache.budget"] == 256 and got["model"] == "fake-for-tests"  # -p wins
     assert got["cache.policy"] == "saddle" and got["actions.prefix"] == "action:"  # from robot.yaml
-    assert got["system_prompt"].startswith("You are the camera-watching assistant")
+    assert got["system_prompt"] == yaml.safe_load((REPO / "config" / "robot.yaml").read_text())["infmllm_node"][
+        "ros__parameters"]["system_prompt"]
     assert got["image_transport"] == "raw" and got["generation.max_new_tokens"] == 64
 
 
