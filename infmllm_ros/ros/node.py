@@ -104,7 +104,7 @@ PARAMS: dict[str, object] = {
     "actions.file": "",
     "actions.mode": "prefix",
     "actions.prefix": "action:",
-    "actions.prompt": "{instruction}\n{schema}",
+    "actions.prompt": "{instruction}",
     "actions.max_new_tokens": 64,
     "watchdog_rate": 10.0,
     "diagnostics_period": 1.0,
