@@ -114,6 +114,23 @@ def pyplot():
     return plt
 
 
+def save_figure(fig, path) -> None:
+    """Lay out, write (100 dpi) and close a matplotlib figure: every benchmark plot ends this way."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    pyplot().close(fig)
+
+
+def style_length_axes(axes, titles) -> None:
+    """Log-log panels over stream length (tokens), one title each, with a legend."""
+    for ax, title in zip(axes, titles, strict=True):
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("stream tokens")
+        ax.set_title(title)
+        ax.legend(fontsize=7)
+
+
 def peak_rss_bytes() -> int:
     """Peak resident set size of this process so far (getrusage; Linux reports KiB)."""
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

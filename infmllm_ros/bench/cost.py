@@ -166,15 +166,8 @@ def plot(res: dict, path: Path) -> None:
         axes[0].plot(x, [r["chunk_ms"] for r in rs], marker="o", label=name)
         axes[1].plot(x, [r["stored_kv_bytes"] / 2**20 for r in rs], marker="o", label=name)
         axes[2].plot(x, [r[mem] / 2**20 for r in rs], marker="o", label=name)
-    for ax, title in zip(axes, ["ms per chunk", "stored KV (MiB)", mem.replace("_bytes", "") + " (MiB)"], strict=True):
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        ax.set_xlabel("stream tokens")
-        ax.set_title(title)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    common.style_length_axes(axes, ["ms per chunk", "stored KV (MiB)", mem.replace("_bytes", "") + " (MiB)"])
+    common.save_figure(fig, path)
 
 
 def parse(argv):

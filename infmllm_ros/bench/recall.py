@@ -305,9 +305,7 @@ def plot(res: dict, path: Path) -> None:
         ax.set_ylim(-2, 102)
         ax.set_title(("all questions" if kind is None else f"{kind} questions") + f", budget {res['budget']}")
         ax.legend(fontsize=6)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    common.save_figure(fig, path)
 
 
 def findings(name: str, res: dict) -> list[str]:

@@ -209,9 +209,7 @@ def plot(res: dict, path: Path) -> None:
     ax.set_title("full cache, absolute positions")
     ax.set_xlabel("stream tokens")
     ax.legend(fontsize=6)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    common.save_figure(fig, path)
 
 
 def parse(argv):

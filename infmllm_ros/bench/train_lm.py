@@ -205,9 +205,7 @@ def plot(result: dict, path: Path) -> None:
     ax.set_ylabel("loss (nats/byte)")
     ax.set_title("train-lm")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    common.save_figure(fig, path)
 
 
 def parse(argv):
