@@ -103,6 +103,7 @@ class Frame:
     objects: list[ObjectView]
     room: int = 0
     heading: float = 0.0
+    labels: np.ndarray | None = None  # (H, W) int8: index into `objects` of the object a pixel shows, -1 for none
 
     def seen(self) -> list[ObjectView]:
         return [o for o in self.objects if o.visible]
@@ -182,7 +183,8 @@ class _Room:
 
 
 def render(room: _Room, heading: float, light: float, noise: float, rng: np.random.Generator):
-    """(rgb uint8, object views) for `heading`; `rng` draws the pixel noise only."""
+    """(rgb uint8, object views sorted by centroid column, (H, W) int8 map of the view index each pixel shows or -1)
+    for `heading`; `rng` draws the pixel noise only."""
     img = np.empty((H, W, 3), np.float32)
     ramp = np.linspace(1.05, 0.95, H, dtype=np.float32)[:, None, None]
     img[:HORIZON] = np.asarray(room.wall, np.float32)
@@ -221,11 +223,15 @@ def render(room: _Room, heading: float, light: float, noise: float, rng: np.rand
         ys, xs = np.nonzero(inner == k)
         if len(xs) == 0:
             continue
-        views.append(ObjectView(id=ob.id, colour=ob.colour, shape=ob.shape, depth=ob.depth, cx=float(xs.mean() + 0.5),
-                                bbox=(int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1),
-                                visible_px=len(xs), full_px=full[k]))
-    views.sort(key=lambda v: v.cx)
-    return rgb, views
+        views.append((k, ObjectView(id=ob.id, colour=ob.colour, shape=ob.shape, depth=ob.depth,
+                                    cx=float(xs.mean() + 0.5),
+                                    bbox=(int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1),
+                                    visible_px=len(xs), full_px=full[k])))
+    views.sort(key=lambda kv: kv[1].cx)
+    labels = np.full((H, W), -1, np.int8)
+    for i, (k, _) in enumerate(views):
+        labels[inner == k] = i
+    return rgb, [v for _, v in views], labels
 
 
 # ----------------------------------------------------------------------------------------------- the world
@@ -283,8 +289,9 @@ class World:
         for i in range(n_frames):
             t = i * dt
             light = 1.0 + 0.08 * math.sin(2 * math.pi * t / period + phase) + float(rng.normal(0, 0.015))
-            rgb, views = render(room, heading, light, noise, rng)
-            yield Frame(index=i, t=round(t, 3), rgb=rgb, objects=views, room=room.index, heading=heading)
+            rgb, views, labels = render(room, heading, light, noise, rng)
+            yield Frame(index=i, t=round(t, 3), rgb=rgb, objects=views, room=room.index, heading=heading,
+                        labels=labels)
             # advance the world by one frame
             seg_left -= dt
             if seg_left <= 0:

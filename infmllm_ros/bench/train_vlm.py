@@ -6,6 +6,11 @@ and after the frame a question is asked at, "USER: <question> ASSISTANT:" + "<an
 answer tokens and their </s> only, so the model learns to look back over the frames for past questions. The format
 is saved as `stream_format.json` beside the weights.
 
+Answers alone are a thin signal for the vision tower (a few tokens per frame), so training adds an auxiliary loss on
+the projected image tokens: a linear head, dropped after training, predicts for each patch which object it shows
+(colour + shape or background), that object's third of the image, near/far, and whether it is the biggest in view,
+read off the world's pixel labels. The LLM then reads features that already carry what the questions ask.
+
     infmllm-bench train-vlm --minutes 45                      # -> infmllm_ros/assets/robot_vlm (fp16, ~4 MB)
     infmllm-bench train-vlm --eval-only infmllm_ros/assets/robot_vlm --eval-seeds 40
 """
@@ -74,7 +79,9 @@ class TrainConfig:
     short_share: float = 0.5
     see_share: float = 0.25  # first part of the box: single-frame streams in small batches (learn to see first)
     see_batch: int = 24
+    see_questions: int = 6  # questions after the one frame of a see-phase stream (dense answers per image)
     max_questions: int = 4
+    aux_weight: float = 0.5  # weight of the auxiliary per-patch loss on the image tokens (0: off)
     seed: int = 0
     threads: int = 2
     max_steps: int | None = None
@@ -157,6 +164,60 @@ class Sample:
     labels: list[int]  # -100 outside answers
     images: list[np.ndarray]
     spans: list[tuple[int, int, str]] = field(default_factory=list)  # (start, end, kind) of each answer + </s>
+    patch_targets: list[np.ndarray] = field(default_factory=list)  # per image: (patches, len(AUX_HEADS)) int64
+
+
+# ----------------------------------------------------------------------------------------------- auxiliary loss
+
+
+AUX_NAMES = [f"{c} {s}" for c in world.COLOURS for s in world.SHAPES]
+AUX_HEADS = {"what": len(AUX_NAMES) + 1, "where": len(world.POSITIONS), "near": 2, "biggest": 2,  # classes per head
+             "count": len(world.NUMBERS)}
+AUX_MIN_PX = 16  # an object covering fewer pixels of a patch leaves it to the background / larger object
+
+
+def patch_targets(frame: world.Frame, patch: int) -> np.ndarray:
+    """(patches in row-major order, len(AUX_HEADS)) int64 targets of the auxiliary heads from the frame's pixel
+    labels; -100 where a head has no target (background patches have "what" = background and "count" only; "where"
+    needs a clear third; "count", the objects in view, is on every patch unless a sliver makes it ambiguous)."""
+    grid = frame.labels.shape[0] // patch
+    out = np.full((grid * grid, len(AUX_HEADS)), -100, np.int64)
+    sizes = [o.visible_px for o in frame.objects]
+    biggest = int(np.argmax(sizes)) if sizes else -1
+    if all(o.visible for o in frame.objects):
+        out[:, 4] = min(len(frame.objects), len(world.NUMBERS) - 1)
+    for r in range(grid):
+        for c in range(grid):
+            block = frame.labels[r * patch:(r + 1) * patch, c * patch:(c + 1) * patch]
+            counts = np.bincount(block.ravel().astype(np.int64) + 1, minlength=len(frame.objects) + 1)[1:]
+            row = out[r * grid + c]
+            if len(counts) == 0 or counts.max() < AUX_MIN_PX:
+                row[0] = len(AUX_NAMES)
+                continue
+            k = int(np.argmax(counts))
+            o = frame.objects[k]
+            row[0] = AUX_NAMES.index(o.name)
+            if o.clear_position:
+                row[1] = world.POSITIONS.index(o.position)
+            row[2] = int(o.distance == "near")
+            row[3] = int(k == biggest)
+    return out
+
+
+class AuxHead(torch.nn.Module):
+    """Linear probes on the projected image tokens (the LLM's inputs); trained with the model, never saved."""
+
+    def __init__(self, hidden: int):
+        super().__init__()
+        self.proj = torch.nn.Linear(hidden, sum(AUX_HEADS.values()))
+
+    def forward(self, features: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        logits = self.proj(features.reshape(-1, features.shape[-1]).float())
+        parts = logits.split(list(AUX_HEADS.values()), dim=-1)
+        targets = targets.reshape(-1, len(AUX_HEADS))
+        losses = [torch.nn.functional.cross_entropy(x, targets[:, i], ignore_index=-100, reduction="sum")
+                  / targets[:, i].ne(-100).sum().clamp(min=1) for i, x in enumerate(parts)]
+        return torch.stack(losses).mean()
 
 
 class Encoder:
@@ -173,6 +234,7 @@ class Encoder:
         self.tok = proc.tokenizer
         self.image_id = self.tok.convert_tokens_to_ids("<image>")
         self.n = image_tokens(model)
+        self.patch = model.config.vision_config.patch_size
         self.eos = self.tok.eos_token_id
         self.mean = np.asarray(proc.image_processor.image_mean, np.float32)
         self.std = np.asarray(proc.image_processor.image_std, np.float32)
@@ -212,12 +274,14 @@ class Encoder:
         by_frame = defaultdict(list)
         for e in events:
             by_frame[e.frame].append(e)
-        ids, labels, images, spans = list(self.prefix), [-100] * len(self.prefix), [], []
+        ids, labels, images, spans, targets = list(self.prefix), [-100] * len(self.prefix), [], [], []
         for f in frames:
             piece = self.frame_ids(f.t + t_offset)
             ids += piece
             labels += [-100] * len(piece)
             images.append(f.rgb)
+            if f.labels is not None:
+                targets.append(patch_targets(f, self.patch))
             for e in by_frame[f.index]:
                 piece = self.question_ids(e.question)
                 ids += piece
@@ -227,7 +291,7 @@ class Encoder:
                     spans.append((len(ids), len(ids) + len(piece), e.kind))
                     ids += piece + self.after_answer
                     labels += piece + [-100] * len(self.after_answer)
-        return Sample(ids, labels, images, spans)
+        return Sample(ids, labels, images, spans, targets if len(targets) == len(images) else [])
 
 
 def frames_for_step(rng: np.random.Generator, cfg: TrainConfig) -> int:
@@ -239,7 +303,10 @@ def frames_for_step(rng: np.random.Generator, cfg: TrainConfig) -> int:
 def training_sample(rng: np.random.Generator, enc: Encoder, cfg: TrainConfig, n: int) -> Sample:
     while True:
         seed = int(rng.integers(TRAIN_SEED_BASE, 2**31 - 1))
-        ep = world.make_episode(seed, n, int(rng.integers(1, cfg.max_questions + 1)))
+        questions = cfg.see_questions if n == 1 and cfg.see_questions else int(rng.integers(1, cfg.max_questions + 1))
+        ep = world.make_episode(seed, n, questions)
+        # the same question twice after one frame would let the second answer copy the first
+        ep.events = list({(e.frame, e.question): e for e in reversed(ep.events)}.values())[::-1]
         if ep.events:
             last = max(e.frame for e in ep.events)
             offset = float(rng.integers(0, 240)) / 2 if rng.random() < 0.5 else 0.0  # stamps need not start at 0
@@ -256,7 +323,10 @@ def collate(samples: list[Sample], enc: Encoder, pad_id: int) -> dict[str, torch
         labels[b, :len(s.ids)] = torch.tensor(s.labels)
         mask[b, :len(s.ids)] = 1
     pixels = torch.stack([enc.pixels(im) for s in samples for im in s.images])
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels, "pixel_values": pixels}
+    out = {"input_ids": ids, "attention_mask": mask, "labels": labels, "pixel_values": pixels}
+    if all(s.patch_targets for s in samples):
+        out["patch_targets"] = torch.from_numpy(np.stack([t for s in samples for t in s.patch_targets]))
+    return out
 
 
 # ----------------------------------------------------------------------------------------------- training
@@ -281,6 +351,7 @@ def teacher_forced_exact(model, enc: Encoder, samples: list[Sample], batch: int 
         part = samples[i:i + batch]
         b = collate(part, enc, enc.tok.pad_token_id)
         b.pop("labels")
+        b.pop("patch_targets", None)
         pred = model(**b).logits.argmax(-1)
         for row, s in enumerate(part):
             for start, end, kind in s.spans:
@@ -312,14 +383,18 @@ def train(cfg: TrainConfig, out: str | os.PathLike | None = None, log=print) -> 
     model.train()
     enc = Encoder(model, proc)
     rng = np.random.Generator(np.random.PCG64([cfg.seed, 7]))
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "embed" not in n]
-    other = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "embed" not in n)]
+    aux = AuxHead(model.config.text_config.hidden_size)
+    features = {}
+    model.model.multi_modal_projector.register_forward_hook(lambda mod, inp, out: features.__setitem__("x", out))
+    params = list(model.named_parameters()) + [("aux." + n, p) for n, p in aux.named_parameters()]
+    decay = [p for n, p in params if p.dim() >= 2 and "embed" not in n]
+    other = [p for n, p in params if not (p.dim() >= 2 and "embed" not in n)]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay}, {"params": other, "weight_decay": 0}],
                             lr=cfg.lr, betas=(0.9, 0.98))
     box = cfg.minutes * 60.0
     monitor = monitor_samples(enc) if cfg.monitor_every else []
     t0 = time.monotonic()
-    losses, history, step, tokens = [], [], 0, 0
+    losses, aux_losses, history, step, tokens = [], [], [], 0, 0
     while True:
         elapsed = time.monotonic() - t0
         frac = elapsed / box if cfg.max_steps is None else step / cfg.max_steps if cfg.max_steps else 1.0
@@ -334,20 +409,29 @@ def train(cfg: TrainConfig, out: str | os.PathLike | None = None, log=print) -> 
             samples.append(training_sample(rng, enc, cfg, n))
         batch = collate(samples, enc, proc.tokenizer.pad_token_id)
         tokens += batch["input_ids"].numel()
+        targets = batch.pop("patch_targets", None)
         loss = model(**batch).loss
+        lm_loss = loss.item()
+        if cfg.aux_weight and targets is not None:
+            aux_loss = aux(features["x"], targets)
+            aux_losses.append(aux_loss.item())
+            loss = loss + cfg.aux_weight * aux_loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_([p for _, p in params], 1.0)
         opt.step()
-        losses.append(loss.item())
+        losses.append(lm_loss)
         step += 1
         if step % cfg.log_every == 0:
             mean = float(np.mean(losses[-cfg.log_every:]))
             history.append({"step": step, "seconds": round(time.monotonic() - t0, 1), "loss": round(mean, 4),
                             "tokens": tokens})
+            if aux_losses:
+                history[-1]["aux_loss"] = round(float(np.mean(aux_losses[-cfg.log_every:])), 4)
             if cfg.monitor_every and step % cfg.monitor_every == 0:
                 history[-1]["exact"] = teacher_forced_exact(model, enc, monitor)
-            log(f"step {step:6d}  {history[-1]['seconds']:7.1f}s  loss {mean:.4f}  lr {opt.param_groups[0]['lr']:.2e}"
+            log(f"step {step:6d}  {history[-1]['seconds']:7.1f}s  loss {mean:.4f}  aux {history[-1].get('aux_loss')}"
+                f"  lr {opt.param_groups[0]['lr']:.2e}"
                 f"  tokens {tokens}" + (f"  held-out exact {history[-1]['exact']}" if "exact" in history[-1] else ""))
     model.eval()
     record = {"steps": step, "seconds": round(time.monotonic() - t0, 1), "first_loss": losses[0] if losses else None,
@@ -457,6 +541,9 @@ def main(argv=None) -> int:
     p.add_argument("--max-frames", type=int, default=12)
     p.add_argument("--init", metavar="MODEL_DIR", help="continue from a saved model's weights")
     p.add_argument("--see-share", type=float, default=0.25, help="share of the box on single frames first")
+    p.add_argument("--see-questions", type=int, default=6, help="questions after the frame of a see-phase stream")
+    p.add_argument("--max-questions", type=int, default=4, help="most questions in a multi-frame training stream")
+    p.add_argument("--aux-weight", type=float, default=0.5, help="weight of the per-patch auxiliary loss (0: off)")
     p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps instead of the time box")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--log-every", type=int, default=20)
@@ -474,6 +561,7 @@ def main(argv=None) -> int:
     else:
         cfg = TrainConfig(minutes=a.minutes, size=a.size, tokens_per_batch=a.tokens_per_batch, lr=a.lr,
                           max_frames=a.max_frames, log_every=a.log_every, see_share=a.see_share,
+                          see_questions=a.see_questions, max_questions=a.max_questions, aux_weight=a.aux_weight,
                           monitor_every=a.monitor_every, init=a.init,
                           seed=a.seed, threads=a.threads, max_steps=a.max_steps)
         res = train(cfg, a.out)

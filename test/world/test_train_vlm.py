@@ -151,3 +151,54 @@ def test_evaluate_scores_exact_matches(tiny, monkeypatch):
     ev = tv.evaluate(None, seeds, n_frames=8, n_questions=6, model=model, proc=proc)
     assert ev["kinds"]["action"]["accuracy"] == 0.0
     assert 0.0 < ev["templates"]["action/stop"]["majority"] == 1.0
+
+
+def _view(name, cx, px, depth=1.5):
+    colour, shape = name.split()
+    return world.ObjectView(id=0, colour=colour, shape=shape, depth=depth, cx=cx, bbox=(0, 0, 1, 1), visible_px=px,
+                            full_px=px)
+
+
+def test_patch_targets_on_a_constructed_frame():
+    labels = np.full((64, 64), -1, np.int8)
+    labels[40:64, 0:20] = 0  # red ball: left, near, the biggest; fills patches (2,0), (3,0) and 4 columns of (2/3,1)
+    labels[20:30, 36:62] = 1  # blue cube: right (cx 49), far; 12 of 16 rows in patch row 1, 4 in row 0 -> too few
+    labels[60:64, 44:48] = 1  # 16 px more in patch (3, 2): exactly AUX_MIN_PX
+    views = [_view("red ball", 10.0, 24 * 20), _view("blue cube", 49.0, 10 * 26 + 16, depth=3.0)]
+    frame = world.Frame(0, 0.0, np.zeros((64, 64, 3), np.uint8), views, labels=labels)
+    got = tv.patch_targets(frame, 16).reshape(4, 4, 5)
+    assert (got[..., 4] == 2).all()  # two objects in view, both seen whole
+    got = got[..., :4]
+    bg, red, blue = len(tv.AUX_NAMES), tv.AUX_NAMES.index("red ball"), tv.AUX_NAMES.index("blue cube")
+    assert got[..., 0].tolist() == [[bg, bg, bg, bg], [bg, bg, blue, blue], [red, red, bg, bg], [red, red, blue, bg]]
+    assert got[2, 0].tolist() == [red, 0, 1, 1] and got[3, 1].tolist() == [red, 0, 1, 1]  # left, near, biggest
+    assert got[1, 3].tolist() == [blue, 2, 0, 0] == got[3, 2].tolist()  # right, far, not the biggest
+    assert (got[0, :, 1:] == -100).all()  # background: only "what"
+    # an object near a third boundary has no "where" target (its answer would be ambiguous)
+    views[1] = _view("blue cube", 64 / 3 * 2 + 1.0, 276, depth=3.0)
+    assert tv.patch_targets(frame, 16).reshape(4, 4, 5)[1, 2, 1] == -100
+    views[1] = _view("blue cube", 49.0, 276, depth=3.0)
+    frame.objects.append(world.ObjectView(id=0, colour="red", shape="cube", depth=3.0, cx=63.5, bbox=(63, 30, 64, 34),
+                                          visible_px=4, full_px=200))  # a sliver at the edge: count is ambiguous
+    assert (tv.patch_targets(frame, 16)[:, 4] == -100).all()
+
+
+def test_aux_loss_is_cross_entropy_of_each_head_on_the_projected_tokens(tiny):
+    model, proc, enc = tiny
+    ep = world.make_episode(4, 3, 2)
+    batch = tv.collate([enc.sample(ep.frames, ep.events)], enc, proc.tokenizer.pad_token_id)
+    assert batch["patch_targets"].shape == (3, 16, len(tv.AUX_HEADS))
+    assert torch.equal(batch["patch_targets"][1], torch.from_numpy(tv.patch_targets(ep.frames[1], 16)))
+    head = tv.AuxHead(model.config.text_config.hidden_size)
+    feats = torch.randn(3, 16, model.config.text_config.hidden_size)
+    logits = head.proj(feats.reshape(48, -1))
+    start, want = 0, []
+    for i, n in enumerate(tv.AUX_HEADS.values()):  # reference: mean over heads of the mean CE over labelled patches
+        t = batch["patch_targets"].reshape(48, -1)[:, i]
+        keep = t != -100
+        if keep.any():
+            want.append(torch.nn.functional.cross_entropy(logits[keep, start:start + n], t[keep]))
+        else:
+            want.append(torch.tensor(0.0))
+        start += n
+    torch.testing.assert_close(head(feats, batch["patch_targets"]), torch.stack(want).mean())

@@ -115,6 +115,25 @@ def test_current_view_answers_match_pixels(episodes):
     assert checked >= 60
 
 
+def test_pixel_labels_agree_with_views_and_pixels(episodes):
+    names = list(world.COLOURS)
+    for ep in episodes[:10]:
+        for frame in ep.frames:
+            assert frame.labels.shape == (world.H, world.W) and frame.labels.min() >= -1
+            assert frame.labels.max() < len(frame.objects)
+            for i, view in enumerate(frame.objects):
+                ys, xs = np.nonzero(frame.labels == i)
+                assert len(xs) == view.visible_px and abs(xs.mean() + 0.5 - view.cx) < 1e-6
+                assert (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1) == view.bbox
+            # read back from the pixels: labelled pixels show their object's colour, unlabelled ones are grey
+            cls = _colour_classes(frame.rgb)
+            labelled = frame.labels >= 0
+            if labelled.any():
+                want = np.array([names.index(o.colour) for o in frame.objects])[frame.labels[labelled]]
+                assert (cls[labelled] == want).mean() > 0.95
+            assert (cls[~labelled] == -1).mean() > 0.95
+
+
 def test_count_answers_match_views(episodes):
     for ep in episodes:
         for e in ep.events:
