@@ -17,27 +17,28 @@ from infmllm_ros.bench import train_vlm as tv
 from infmllm_ros.ros import params, session_factory
 
 ROOT = Path(__file__).resolve().parents[2]
-SEEDS = range(7000, 7024)  # held out: training draws seeds >= tv.TRAIN_SEED_BASE
-CURRENT_MIN = 0.80
-PAST_MIN = 0.45
+SEEDS = range(7000, 7060)  # held out: training draws seeds >= tv.TRAIN_SEED_BASE
+CURRENT_MIN = 0.75  # measured here: 0.833 (n=120, chance 0.292); train-vlm evaluation: 0.912 on 400
+PAST_MIN = 0.45  # measured here: 0.554 (n=112, chance 0.348); train-vlm evaluation: 0.630 on 362
 
 
 @pytest.fixture(scope="module")
 def answers():
+    assert max(SEEDS) < min(tv.TRAIN_SEED_BASE, tv.MONITOR_SEED_BASE)  # never trained on, never monitored
     assert (Path(session_factory.embedded_model()) / "config.json").is_file()
     p = params.flatten(params.node_parameters(str(ROOT / "config" / "robot.yaml"), "infmllm_node"))
     assert p["model"] == ""  # the default is the embedded model
     session = session_factory.make_session(p)
     out = []
     for seed in SEEDS:
-        ep = world.make_episode(seed, 8, 6, kinds=("current", "past"))
+        ep = world.make_episode(seed, 12, 6)  # as train-vlm's evaluation, other seeds
         session.reset()
         asked = 0
         for e in ep.events:
             while asked <= e.frame:
                 session.observe(ep.frames[asked].rgb, ep.frames[asked].t)
                 asked += 1
-            got = session.ask(e.question, max_new_tokens=12).text
+            got = session.ask(e.question, max_new_tokens=48).text
             out.append((e, world.normalize_answer(got) == world.normalize_answer(e.answer)))
     return out
 
@@ -58,11 +59,13 @@ def _majority(rows, kind):
 
 def test_embedded_model_answers_current_view_questions(answers):
     acc, n = _accuracy(answers, "current")
-    assert n >= 40
-    assert acc >= CURRENT_MIN and acc >= _majority(answers, "current") + 0.3, (acc, n)
+    print(f"current {acc:.3f} (n={n}, majority {_majority(answers, 'current'):.3f})")
+    assert n >= 100
+    assert acc >= CURRENT_MIN and acc >= _majority(answers, "current") + 0.4, (acc, n)
 
 
 def test_embedded_model_recalls_what_it_saw(answers):
     acc, n = _accuracy(answers, "past")
-    assert n >= 30
-    assert acc >= PAST_MIN and acc >= _majority(answers, "past") + 0.1, (acc, n)
+    print(f"past {acc:.3f} (n={n}, majority {_majority(answers, 'past'):.3f})")
+    assert n >= 100
+    assert acc >= PAST_MIN and acc >= _majority(answers, "past") + 0.12, (acc, n)
