@@ -80,7 +80,7 @@ class TrainConfig:
     see_share: float = 0.25  # first part of the box: single-frame streams in small batches (learn to see first)
     see_batch: int = 24
     see_questions: int = 6  # questions after the one frame of a see-phase stream (dense answers per image)
-    max_questions: int = 4
+    max_questions: int = 10
     aux_weight: float = 0.5  # weight of the auxiliary per-patch loss on the image tokens (0: off)
     seed: int = 0
     threads: int = 2
@@ -542,7 +542,7 @@ def main(argv=None) -> int:
     p.add_argument("--init", metavar="MODEL_DIR", help="continue from a saved model's weights")
     p.add_argument("--see-share", type=float, default=0.25, help="share of the box on single frames first")
     p.add_argument("--see-questions", type=int, default=6, help="questions after the frame of a see-phase stream")
-    p.add_argument("--max-questions", type=int, default=4, help="most questions in a multi-frame training stream")
+    p.add_argument("--max-questions", type=int, default=10, help="most questions in a multi-frame training stream")
     p.add_argument("--aux-weight", type=float, default=0.5, help="weight of the per-patch auxiliary loss (0: off)")
     p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps instead of the time box")
     p.add_argument("--threads", type=int, default=2)
