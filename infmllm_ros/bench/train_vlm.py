@@ -385,7 +385,8 @@ def train(cfg: TrainConfig, out: str | os.PathLike | None = None, log=print) -> 
     rng = np.random.Generator(np.random.PCG64([cfg.seed, 7]))
     aux = AuxHead(model.config.text_config.hidden_size)
     features = {}
-    model.model.multi_modal_projector.register_forward_hook(lambda mod, inp, out: features.__setitem__("x", out))
+    hook = model.model.multi_modal_projector.register_forward_hook(
+        lambda mod, inp, out: features.__setitem__("x", out))
     params = list(model.named_parameters()) + [("aux." + n, p) for n, p in aux.named_parameters()]
     decay = [p for n, p in params if p.dim() >= 2 and "embed" not in n]
     other = [p for n, p in params if not (p.dim() >= 2 and "embed" not in n)]
@@ -433,6 +434,7 @@ def train(cfg: TrainConfig, out: str | os.PathLike | None = None, log=print) -> 
             log(f"step {step:6d}  {history[-1]['seconds']:7.1f}s  loss {mean:.4f}  aux {history[-1].get('aux_loss')}"
                 f"  lr {opt.param_groups[0]['lr']:.2e}"
                 f"  tokens {tokens}" + (f"  held-out exact {history[-1]['exact']}" if "exact" in history[-1] else ""))
+    hook.remove()
     model.eval()
     record = {"steps": step, "seconds": round(time.monotonic() - t0, 1), "first_loss": losses[0] if losses else None,
               "last_loss": float(np.mean(losses[-cfg.log_every:])) if losses else None, "history": history,
