@@ -123,5 +123,6 @@ def test_backpressure_30hz_camera_while_answering():
     # p95, not max: one GIL hand-over or scheduler stall on a loaded 2-core machine reached 0.5-2 s once per run in
     # some runs; callbacks queued behind inference would put most waits near ASK_S
     assert d["callback_wait_ms_p95"] < 0.5 * ASK_S * 1000, summary
-    # memory flat: a queue of 0.9 MB frames at 30 Hz would add ~27 MB/s
-    assert growth < 40 * 2**20 and slope < 2.0, summary
+    # memory flat: a queue of 0.9 MB frames at 30 Hz would add ~27 MB/s (allocator noise over 6 s of samples
+    # gave slopes up to 2.5 MB/s with 14 MB total growth)
+    assert growth < 40 * 2**20 and slope < 5.0, summary
