@@ -223,14 +223,14 @@ def render(room: _Room, heading: float, light: float, noise: float, rng: np.rand
         ys, xs = np.nonzero(inner == k)
         if len(xs) == 0:
             continue
-        views.append((k, ObjectView(id=ob.id, colour=ob.colour, shape=ob.shape, depth=ob.depth,
-                                    cx=float(xs.mean() + 0.5),
-                                    bbox=(int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1),
-                                    visible_px=len(xs), full_px=full[k])))
-    views.sort(key=lambda kv: kv[1].cx)
+        views.append(((ys, xs), ObjectView(id=ob.id, colour=ob.colour, shape=ob.shape, depth=ob.depth,
+                                           cx=float(xs.mean() + 0.5),
+                                           bbox=(int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1),
+                                           visible_px=len(xs), full_px=full[k])))
+    views.sort(key=lambda pv: pv[1].cx)
     labels = np.full((H, W), -1, np.int8)
-    for i, (k, _) in enumerate(views):
-        labels[inner == k] = i
+    for i, (pixels, _) in enumerate(views):
+        labels[pixels] = i
     return rgb, [v for _, v in views], labels
 
 

@@ -8,8 +8,9 @@ is saved as `stream_format.json` beside the weights.
 
 Answers alone are a thin signal for the vision tower (a few tokens per frame), so training adds an auxiliary loss on
 the projected image tokens: a linear head, dropped after training, predicts for each patch which object it shows
-(colour + shape or background), that object's third of the image, near/far, and whether it is the biggest in view,
-read off the world's pixel labels. The LLM then reads features that already carry what the questions ask.
+(colour + shape or background), that object's third of the image, near/far, whether it is the biggest in view, and
+how many objects are in view, read off the world's pixel labels. The LLM then reads features that already carry
+what the questions ask.
 
     infmllm-bench train-vlm --minutes 45                      # -> infmllm_ros/assets/robot_vlm (fp16, ~4 MB)
     infmllm-bench train-vlm --eval-only infmllm_ros/assets/robot_vlm --eval-seeds 40
@@ -173,6 +174,7 @@ class Sample:
 AUX_NAMES = [f"{c} {s}" for c in world.COLOURS for s in world.SHAPES]
 AUX_HEADS = {"what": len(AUX_NAMES) + 1, "where": len(world.POSITIONS), "near": 2, "biggest": 2,  # classes per head
              "count": len(world.NUMBERS)}
+_WHAT, _WHERE, _NEAR, _BIGGEST, _COUNT = range(len(AUX_HEADS))  # column of each head in patch_targets
 AUX_MIN_PX = 16  # an object covering fewer pixels of a patch leaves it to the background / larger object
 
 
@@ -185,22 +187,22 @@ def patch_targets(frame: world.Frame, patch: int) -> np.ndarray:
     sizes = [o.visible_px for o in frame.objects]
     biggest = int(np.argmax(sizes)) if sizes else -1
     if all(o.visible for o in frame.objects):
-        out[:, 4] = min(len(frame.objects), len(world.NUMBERS) - 1)
+        out[:, _COUNT] = min(len(frame.objects), len(world.NUMBERS) - 1)
     for r in range(grid):
         for c in range(grid):
             block = frame.labels[r * patch:(r + 1) * patch, c * patch:(c + 1) * patch]
             counts = np.bincount(block.ravel().astype(np.int64) + 1, minlength=len(frame.objects) + 1)[1:]
             row = out[r * grid + c]
             if len(counts) == 0 or counts.max() < AUX_MIN_PX:
-                row[0] = len(AUX_NAMES)
+                row[_WHAT] = len(AUX_NAMES)
                 continue
             k = int(np.argmax(counts))
             o = frame.objects[k]
-            row[0] = AUX_NAMES.index(o.name)
+            row[_WHAT] = AUX_NAMES.index(o.name)
             if o.clear_position:
-                row[1] = world.POSITIONS.index(o.position)
-            row[2] = int(o.distance == "near")
-            row[3] = int(k == biggest)
+                row[_WHERE] = world.POSITIONS.index(o.position)
+            row[_NEAR] = int(o.distance == "near")
+            row[_BIGGEST] = int(k == biggest)
     return out
 
 
