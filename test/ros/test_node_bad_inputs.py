@@ -143,7 +143,7 @@ def _setup(c, raw, comp):
     c.collect(DiagnosticArray, "/diagnostics", c.qos(depth=50), "diag")
     c.pubs = {
         "image": c.node.create_publisher(Image, "/image", c.qos(depth=50)),
-        "image_c": c.node.create_publisher(CompressedImage, "/image_c", c.qos(depth=50)),
+        "image_c": c.node.create_publisher(CompressedImage, "/image_c/compressed", c.qos(depth=50)),
         "instruction": c.node.create_publisher(String, "/instruction", c.qos(depth=50, transient=True)),
         "instruction_c": c.node.create_publisher(String, "/instruction_c", c.qos(depth=50, transient=True)),
     }

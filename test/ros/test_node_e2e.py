@@ -1,7 +1,8 @@
 """The node in its own process over real DDS, with a scripted session (test/ros/fake_session.py):
 frames + instruction -> ~/answer, ~/answer_stream, ~/result (right frame stamp), /diagnostics; parameters from
 config/robot.yaml with overrides; ~/reset; actions (disarmed, armed, clamped, watchdog, fail closed);
-lifecycle transitions. One node process serves the whole module (start-up is the slow part)."""
+lifecycle transitions. One node process per cmd_vel type (TwistStamped, the default, and Twist) serves the
+whole module, so every action safety test runs for both types (start-up is the slow part)."""
 
 from __future__ import annotations
 
@@ -18,9 +19,11 @@ DOMAIN = domain(0)
 NS = "/infmllm_node"
 
 
-@pytest.fixture(scope="module")
-def env():
+@pytest.fixture(scope="module", params=[True, False], ids=["TwistStamped", "Twist"])
+def env(request):
+    stamped = request.param
     node = NodeProcess(DOMAIN, params_file=REPO / "config" / "robot.yaml", params={
+        "cmd_vel_stamped": stamped,
         "session_factory": "fake_session:make", "model": "fake-for-tests", "frame_rate": 5.0,
         "instruction_durability": "transient_local", "output_durability": "transient_local",
         "image_reliability": "reliable", "cache.budget": 256, "watchdog_rate": 20.0,
@@ -28,16 +31,16 @@ def env():
     }, env={"FAKE_ASK_S": "0.05"})
     c = Client(DOMAIN)
     try:
-        yield from _setup(c, node)
+        yield from _setup(c, node, stamped)
     finally:
         c.close()
         rc = node.stop()
     assert rc in (0, -2), f"node exit code {rc}\n{node.log()[-3000:]}"
 
 
-def _setup(c, node):
+def _setup(c, node, stamped):
     from diagnostic_msgs.msg import DiagnosticArray
-    from geometry_msgs.msg import Twist
+    from geometry_msgs.msg import Twist, TwistStamped
     from sensor_msgs.msg import Image
     from std_msgs.msg import String
 
@@ -46,7 +49,8 @@ def _setup(c, node):
     c.collect(String, f"{NS}/answer_stream", c.qos(depth=100), "stream")
     c.collect(String, f"{NS}/result", tl, "result")
     c.collect(String, f"{NS}/action", c.qos(), "action")
-    c.collect(Twist, "/cmd_vel", c.qos(), "cmd_vel")
+    c.stamped = stamped
+    c.collect(TwistStamped if stamped else Twist, "/cmd_vel", c.qos(), "cmd_vel")
     c.collect(DiagnosticArray, "/diagnostics", c.qos(), "diag")
     c.image_pub = c.node.create_publisher(Image, "/image", c.qos(depth=5))
     c.instr_pub = c.node.create_publisher(String, "/instruction", c.qos(depth=50, transient=True))
@@ -154,7 +158,12 @@ def test_reset_service(env):
 
 def twists_since(c, t0):
     with c.lock:
-        return [(t, m.linear.x, m.angular.z) for t, m in c.msgs["cmd_vel"] if t >= t0]
+        msgs = [(t, m) for t, m in c.msgs["cmd_vel"] if t >= t0]
+    if c.stamped:  # stamped with the node clock, in cmd_vel_frame_id
+        assert all(m.header.frame_id == "base_link" and (m.header.stamp.sec or m.header.stamp.nanosec)
+                   for _, m in msgs), msgs
+        return [(t, m.twist.linear.x, m.twist.angular.z) for t, m in msgs]
+    return [(t, m.linear.x, m.angular.z) for t, m in msgs]
 
 
 def test_actions_disarmed_publish_no_velocity(env):
