@@ -52,12 +52,13 @@ def _fmt(v) -> str:
 
 
 class NodeProcess:
-    """``python -m infmllm_ros.ros.node --ros-args [--params-file F] -p k:=v ...`` in a subprocess."""
+    """``python -m infmllm_ros.ros.node --ros-args [--params-file F] -p k:=v ...`` in a subprocess
+    (``code``: ``python -c code --ros-args ...`` instead, for a node with an injected fault)."""
 
     def __init__(self, domain_id: int, params: dict | None = None, params_file: str | None = None,
-                 env: dict | None = None, ros_args: list[str] | None = None):
+                 env: dict | None = None, ros_args: list[str] | None = None, code: str | None = None):
         self.log_path = Path(tempfile.mkstemp(prefix="infmllm_node_", suffix=".log")[1])
-        cmd = [sys.executable, "-m", "infmllm_ros.ros.node", "--ros-args"]
+        cmd = [sys.executable] + (["-c", code] if code else ["-m", "infmllm_ros.ros.node"]) + ["--ros-args"]
         if params_file:
             cmd += ["--params-file", str(params_file)]
         for k, v in (params or {}).items():
