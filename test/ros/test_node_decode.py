@@ -97,3 +97,38 @@ def test_png_flood_does_not_delay_instructions_or_watchdog():
         stop.set()
         c.close()
         node.stop()
+
+
+def test_compressed_transport_subscribes_where_image_transport_publishes():
+    """An image_transport camera with base topic /camera/image_raw publishes CompressedImage on
+    /camera/image_raw/compressed (format "rgb8; jpeg compressed bgr8"); image_topic names the base topic."""
+    from PIL import Image as PILImage
+    from sensor_msgs.msg import CompressedImage, Image
+    from std_msgs.msg import String
+
+    node = NodeProcess(DOMAIN, params={
+        "session_factory": "fake_session:make", "model": "fake", "image_transport": "compressed",
+        "image_topic": "/camera/image_raw", "image_reliability": "reliable", "frame_rate": 20.0,
+        "instruction_durability": "transient_local", "output_durability": "transient_local"})
+    c = Client(DOMAIN)
+    try:
+        c.collect(String, f"{NS}/result", c.qos(transient=True), "result")
+        comp = c.node.create_publisher(CompressedImage, "/camera/image_raw/compressed", c.qos(depth=5))
+        raw = c.node.create_publisher(Image, "/camera/image_raw", c.qos(depth=5))
+        assert c.wait_for(lambda: comp.get_subscription_count() > 0, 60), node.log()
+        assert raw.get_subscription_count() == 0  # the raw base topic is not what the node listens to
+        b = io.BytesIO()
+        PILImage.fromarray(np.full((24, 32, 3), 200, np.uint8)).save(b, "JPEG")
+        m = CompressedImage()
+        m.header.stamp.sec, m.header.stamp.nanosec = 77, 5
+        m.header.frame_id, m.format, m.data = "camera", "rgb8; jpeg compressed bgr8", b.getvalue()
+        for _ in range(3):
+            comp.publish(m)
+            time.sleep(0.2)
+        instr = c.node.create_publisher(String, "/instruction", c.qos(transient=True))
+        instr.publish(String(data="seen it?"))
+        r = c.wait_for(lambda: [json.loads(x.data) for x in c.got("result")], 20)
+        assert r and r[-1]["frame_stamp"] == {"sec": 77, "nanosec": 5}, (r, node.log()[-2000:])
+    finally:
+        c.close()
+        node.stop()
