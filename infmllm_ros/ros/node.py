@@ -32,6 +32,7 @@ from __future__ import annotations
 import signal
 import sys
 import time
+from pathlib import Path
 
 import rclpy
 from diagnostic_msgs.msg import DiagnosticArray
@@ -51,12 +52,41 @@ from infmllm_ros.ros.parameters import PARAMS, default_actions_file  # noqa: F40
 from infmllm_ros.ros.worker import Worker
 
 NODE_NAME = "infmllm_node"
+USAGE = """usage: infmllm_node [--help] [--ros-args [--params-file FILE] [-p name:=value ...] [-r from:=to ...]]
+
+The ROS 2 lifecycle node keeping one continuous VLM session with a bounded Inf-MLLM KV cache.
+Subscribes image (sensor_msgs/Image, or CompressedImage on <image_topic>/compressed) and instruction
+(std_msgs/String); publishes ~/answer, ~/answer_stream, ~/result, ~/action, cmd_vel (only while armed through
+~/enable_actions) and /diagnostics. Every parameter, with its default and meaning, is in
+  {params}
+(ros2 launch infmllm_ros robot.launch.py uses that file; docs/ros.md describes the node.)
+"""
+
+
+def params_file() -> str:
+    """The installed share/infmllm_ros/config/robot.yaml, else the source tree's."""
+    actions = default_actions_file()
+    return str(Path(actions).with_name("robot.yaml")) if actions else "config/robot.yaml (source tree)"
+
+
+def model_name(model: str) -> str:
+    """What /diagnostics hardware_id names: the model parameter, or the embedded model's directory name."""
+    if str(model).strip():
+        return str(model).strip()
+    try:
+        from infmllm_ros.ros.session_factory import embedded_model
+
+        path = embedded_model()
+    except Exception:  # a broken install must not stop diagnostics
+        path = ""
+    return f"embedded:{Path(path).name}" if path else "embedded (none installed)"
 
 
 class InfMLLMNode(LifecycleNode):
     def __init__(self, node_name: str = NODE_NAME, **kwargs):
         super().__init__(node_name, **kwargs)
         self.bad_overrides = P.declare_all(self)
+        self.hardware_id = model_name(self.get_parameter("model").value)
         self.p: dict = {}
         self.state_label = "unconfigured"
         self.finalized = False
@@ -132,6 +162,7 @@ class InfMLLMNode(LifecycleNode):
     def on_configure(self, state: LifecycleState) -> TransitionCallbackReturn:
         try:
             p = self.p = self._read_params()
+            self.hardware_id = model_name(p["model"])
             afile = p["actions.file"] or default_actions_file()
             spec = ActionSpec.from_yaml(afile) if afile else ActionSpec()
             t0 = time.monotonic()
@@ -212,6 +243,9 @@ class InfMLLMNode(LifecycleNode):
         if self.motion.gate is None:
             response.success, response.message = False, "not configured"
             return response
+        if request.data and self.state_label != "active":
+            response.success, response.message = False, f"not armed: the node is {self.state_label} (activate first)"
+            return response
         if request.data and self.worker.session_lost:
             response.success, response.message = False, "session lost: cleanup and configure the node first"
             return response
@@ -225,6 +259,11 @@ class InfMLLMNode(LifecycleNode):
 def main(args=None):
     from rclpy.signals import SignalHandlerOptions
 
+    argv = list(sys.argv[1:] if args is None else args)
+    own = argv[:argv.index("--ros-args")] if "--ros-args" in argv else argv
+    if "-h" in own or "--help" in own:
+        print(USAGE.format(params=params_file()))
+        return 0
     rclpy.init(args=args, signal_handler_options=SignalHandlerOptions.NO)
     node = InfMLLMNode()
     executor = MultiThreadedExecutor(num_threads=4)
@@ -243,8 +282,11 @@ def main(args=None):
         if node.get_parameter("autostart").value:
             if node.trigger_configure() == TransitionCallbackReturn.SUCCESS:
                 node.trigger_activate()
-            else:
-                node.get_logger().error("autostart: configure failed; the node stays unconfigured")
+            else:  # a launch file or supervisor sees the failure; the reason is the line before (and below)
+                node.get_logger().fatal(f"autostart: configure failed, exiting: {node.stats.last_error}")
+                print(f"infmllm_node: {node.stats.last_error}", file=sys.stderr)
+                got.append("configure failed")
+                rc = 1
         while not got and not node.finalized and rclpy.ok():
             executor.spin_once(timeout_sec=0.1)
     except (KeyboardInterrupt, ExternalShutdownException):

@@ -196,6 +196,8 @@ class Outputs:
             "errors": c.get("errors", 0),
             "resets": c.get("resets", 0),
             "session_lost": worker.session_lost,
+            "frame_age_s": None if worker.frame_age() is None else round(worker.frame_age(), 3),
+            "view_stale": n.state_label == "active" and worker.stale(),
             "rss_bytes": _rss_bytes(),
             "last_error": last_error,
         }
@@ -211,11 +213,15 @@ class Outputs:
         v = self.diagnostics_values()
         st = DiagnosticStatus()
         st.name = f"{n.get_name()}: session"
-        st.hardware_id = str(n.p.get("model", ""))
+        st.hardware_id = n.hardware_id
         if v["session_lost"]:
             st.level, st.message = DiagnosticStatus.ERROR, "session lost"
         elif v["state"] == "unconfigured" and v["last_error"].startswith("configure"):
             st.level, st.message = DiagnosticStatus.ERROR, v["last_error"][:200]
+        elif v["view_stale"]:
+            age = v["frame_age_s"]
+            st.level, st.message = DiagnosticStatus.WARN, "view stale: " + (
+                "no frame yet" if age is None else f"newest frame {age:.1f} s old")
         elif v["errors"] or v["last_error"]:
             st.level, st.message = DiagnosticStatus.WARN, v["last_error"][:200] or "errors in the session"
         else:

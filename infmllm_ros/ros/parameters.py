@@ -102,6 +102,9 @@ TABLE: tuple[Param, ...] = (
     Param("cache.max_chunk", 256, "largest prefill chunk in tokens; 0 = auto (from the model and frame.tokens)",
           lo=0, hi=1 << 20, extra=_max_chunk),
     Param("frame_rate", 1.0, "frames per second entering the session (newest wins)", when="live", lo=1e-3, hi=1000.0),
+    Param("max_frame_age", 5.0, "seconds: an answer on an older view says it is stale, actions are refused and "
+          "/diagnostics warns; 0 = never stale", when="live", lo=0.0, hi=3600.0, extra=lambda v: None if v == 0 or
+          v >= 0.05 else "must be 0 (off) or >= 0.05"),
     Param("max_image_pixels", 16 * 1024 * 1024, "larger frames are rejected (checked before decoding)",
           lo=1, hi=1 << 28),
     Param("generation.max_new_tokens", 64, "longest answer (live: at most the value at configure, which sized the"

@@ -40,6 +40,7 @@ class Worker:
         self.session_lost = False
         self.busy_since = 0.0
         self.session_stats: dict = {}
+        self.frame_received = None  # monotonic arrival time of the newest frame the session observed
         self.spec: ActionSpec | None = None
         self.validator: ActionValidator | None = None
         self.constraint: ActionConstraint | None = None
@@ -224,6 +225,7 @@ class Worker:
         finally:
             self.busy_since = 0.0
         self.stats.inc("frames_used")
+        self.frame_received = frame[3]
         self.node.outputs.remember_frame(stamp_s, stamp)
 
     def on_token(self, piece: str):
@@ -244,8 +246,24 @@ class Worker:
             return True, text[len(prefix):].strip()
         return False, text
 
+    def frame_age(self) -> float | None:
+        t = self.frame_received
+        return None if t is None else time.monotonic() - t
+
+    def stale(self) -> bool:
+        """The view is too old to act on (no frame at all counts as stale); max_frame_age 0 turns this off."""
+        limit = float(self.p.get("max_frame_age", 0.0))
+        age = self.frame_age()
+        return limit > 0 and (age is None or age > limit)
+
     def decide_action(self, instruction: str) -> tuple[Action | None, str | None, object]:
         """Constrained decoding of one action, then validation. Returns (action, error, Answer or None)."""
+        if self.stale():
+            age = self.frame_age()
+            err = ("view is stale: " + ("no frame yet" if age is None else f"newest frame {age:.1f} s old")
+                   + f" > max_frame_age={self.p['max_frame_age']}; no action")
+            self.validator.refuse(err)
+            return None, err, None
         if self.constraint is None:
             err = f"constrained action decoding unavailable ({self.constraint_error}); no action"
             self.validator.refuse(err)
@@ -288,7 +306,12 @@ class Worker:
         if action is not None:
             self.node.outputs.publish("action", String(data=action.to_json()))
             self.node.motion.command(action)
-        self.node.outputs.answer(text, answer_text, ans, action, err, latency)
+        age, stale = self.frame_age(), self.stale()
+        if stale and not command:
+            answer_text = ("[stale view: " + ("no frame yet" if age is None else f"newest frame {age:.1f} s old")
+                           + "] " + answer_text)
+        self.node.outputs.answer(text, answer_text, ans, action, err, latency, {
+            "frame_age_s": None if age is None else round(age, 3), "stale": stale})
         with self.stats.lock:
             self.stats.c["answers"] += 1
             self.stats.answer_s.append(latency)
@@ -296,6 +319,7 @@ class Worker:
     def do_reset(self, events):
         try:
             self.session.reset()
+            self.frame_received = None
             self.node.outputs.stamps.clear()
             self.stats.inc("resets")
             ok = True

@@ -8,6 +8,7 @@ from __future__ import annotations
 import ast
 import importlib.util
 import re
+import sys
 import time
 from pathlib import Path
 
@@ -147,9 +148,35 @@ def test_params_file_applies_in_a_namespace(tmp_path):
         node.stop()
 
 
+def test_failed_autostart_exits_1_with_the_reason():
+    import subprocess
+
+    from _harness import REPO as R
+    from _harness import domain, node_env
+
+    out = subprocess.run([sys.executable, "-m", "infmllm_ros.ros.node", "--ros-args", "-p", "model:=fake", "-p",
+                          "session_factory:=fake_session:make", "-p", "actions.mode:=sometimes"], cwd=str(R),
+                         env=node_env(domain(4)), capture_output=True, text=True, timeout=60)
+    assert out.returncode == 1, out.stdout + out.stderr
+    assert "actions.mode" in out.stderr and "configure failed" in out.stdout + out.stderr
+
+
+def test_help_prints_usage_without_starting():
+    import subprocess
+
+    from _harness import REPO as R
+    from _harness import domain, node_env
+
+    out = subprocess.run([sys.executable, "-m", "infmllm_ros.ros.node", "--help"], cwd=str(R),
+                         env=node_env(domain(4)), capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0 and out.stdout.startswith("usage: infmllm_node"), out.stdout + out.stderr
+    assert str(ROBOT_YAML) in out.stdout  # the parameter file's location (source tree here)
+    assert "session ready" not in out.stdout + out.stderr and "[INFO]" not in out.stdout + out.stderr
+
+
 def test_bad_parameter_fails_configure_visibly_then_recovers():
-    """autostart with an invalid parameter: configure fails, the node stays up (unconfigured) and says why on
-    /diagnostics (ERROR); fixing the parameter and configuring through the lifecycle service brings it up."""
+    """autostart:=false and an invalid parameter: configure through the lifecycle service fails, the node stays up
+    (unconfigured) and says why on /diagnostics (ERROR); fixing the parameter brings it up."""
     from _harness import Client, NodeProcess, diag_values, domain
     from diagnostic_msgs.msg import DiagnosticArray
     from lifecycle_msgs.msg import Transition
@@ -158,12 +185,17 @@ def test_bad_parameter_fails_configure_visibly_then_recovers():
     from rcl_interfaces.srv import SetParameters
 
     dom = domain(4)
-    node = NodeProcess(dom, params={"session_factory": "fake_session:make", "model": "fake",
+    node = NodeProcess(dom, params={"session_factory": "fake_session:make", "model": "fake", "autostart": False,
                                     "actions.mode": "sometimes"})
     c = Client(dom)
     try:
         c.collect(DiagnosticArray, "/diagnostics", c.qos(), "diag")
         assert c.wait_for(lambda: c.got("diag"), 30), node.log()
+        ch = ChangeState.Request()
+        ch.transition.id = Transition.TRANSITION_CONFIGURE
+        assert not c.call(ChangeState, "/infmllm_node/change_state", ch, timeout=30).success
+        t = time.monotonic()
+        assert c.wait_for(lambda: [m for tt, m in c.msgs["diag"] if tt > t + 0.05], 5)
         d = diag_values(c.got("diag")[-1])
         assert d["state"] == "unconfigured" and d["_level"] == 2 and "actions.mode" in d["last_error"], d
         assert node.alive() and "configure failed" in node.log()

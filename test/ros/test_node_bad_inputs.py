@@ -69,6 +69,7 @@ def raw_image_corpus():
     return [  # (name, message or raw CDR bytes, text expected in the log line)
         ("unknown encoding", image(encoding="weird42"), "unknown or unsupported image encoding"),
         ("empty encoding", image(encoding=""), "unknown or unsupported image encoding"),
+        ("padded encoding", image(encoding=" rgb8 "), "(padded)"),  # cv_bridge matches encodings exactly
         ("bayer encoding", image(encoding="bayer_rggb8", step=6), "unknown or unsupported image encoding"),
         ("float depth", image(encoding="32FC1", step=24), "unknown or unsupported image encoding"),
         ("zero height", image(h=0, data=b""), "zero-size image"),
@@ -106,6 +107,8 @@ def instruction_corpus():
     return [
         ("empty", String(data=""), "empty instruction"),
         ("whitespace", String(data="  \n\t "), "empty instruction"),
+        ("zero-width spaces", String(data="\u200b\u200b\ufeff"), "empty instruction"),
+        ("control characters", String(data="\x01\x02\x1b\x7f"), "empty instruction"),
         ("huge", String(data="x" * 5000), "instruction too long"),
         ("invalid UTF-8", string_cdr(b"go \xff\xfe\x80 now"), "not valid UTF-8"),
         ("overlong UTF-8 NUL", string_cdr(b"a\xc0\x80b"), "not valid UTF-8"),

@@ -23,7 +23,7 @@ NS = "/infmllm_node"
 def env(request):
     stamped = request.param
     node = NodeProcess(DOMAIN, params_file=REPO / "config" / "robot.yaml", params={
-        "cmd_vel_stamped": stamped,
+        "cmd_vel_stamped": stamped, "max_frame_age": 0.0,  # frames come only in the first test
         "session_factory": "fake_session:make", "model": "fake-for-tests", "frame_rate": 5.0,
         "instruction_durability": "transient_local", "output_durability": "transient_local",
         "image_reliability": "reliable", "cache.budget": 256, "watchdog_rate": 20.0,

@@ -16,7 +16,7 @@ pytestmark = pytest.mark.ros
 
 DOMAIN = domain(1)
 NS = "/infmllm_node"
-ZERO_MEANS_SOMETHING = {"cache.budget", "cache.window", "cache.max_chunk", "cache.recent", "cache.sinks",
+ZERO_MEANS_SOMETHING = {"max_frame_age", "cache.budget", "cache.window", "cache.max_chunk", "cache.recent", "cache.sinks",
                         "cache.bias_strength", "frame.max_side", "generation.temperature"}
 # the values of issue 15 items 2-4, each of which once crashed the process, killed the worker or left a node that
 # was active but could not answer

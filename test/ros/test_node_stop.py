@@ -42,7 +42,8 @@ def test_zero_velocity_on_exit(how, stamped):
 
     node = NodeProcess(DOMAIN, params={
         "session_factory": "fake_session:make", "model": "fake", "watchdog_rate": 20.0,
-        "actions.max_new_tokens": 200, "cmd_vel_stamped": stamped, "instruction_durability": "transient_local",
+        "actions.max_new_tokens": 200, "cmd_vel_stamped": stamped, "max_frame_age": 0.0,
+        "instruction_durability": "transient_local",
     }, env={"FAKE_ASK_S": "0.02"}, code=CRASHING if how == "exception" else None)
     c = Client(DOMAIN)
     got, lock = [], threading.Lock()

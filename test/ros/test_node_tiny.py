@@ -22,7 +22,7 @@ def env():
     from infmllm_ros.actions import ActionSpec  # noqa: F401  (fail early if the package is broken)
 
     node = NodeProcess(DOMAIN, params={
-        "model": "tiny:llava_llama", "device": "cpu", "dtype": "float32", "frame_rate": 4.0,
+        "model": "tiny:llava_llama", "device": "cpu", "dtype": "float32", "frame_rate": 4.0, "max_frame_age": 0.0,
         "cache.budget": 64, "cache.recent": 16, "cache.window": 8, "cache.max_chunk": 128,
         "generation.max_new_tokens": 12, "actions.max_new_tokens": 48,
         "instruction_durability": "transient_local", "output_durability": "transient_local",
