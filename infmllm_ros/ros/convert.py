@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import io
 import sys
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -195,8 +196,22 @@ def imgmsg_to_rgb(msg, max_pixels: int = MAX_PIXELS_DEFAULT) -> np.ndarray:
     return to_rgb(arr, msg.encoding.strip())
 
 
-def compressed_to_rgb(msg, max_pixels: int = MAX_PIXELS_DEFAULT) -> np.ndarray:
-    """sensor_msgs/CompressedImage (JPEG or PNG) -> HxWx3 uint8 RGB, decoded with Pillow."""
+class _DeadlineReader(io.BytesIO):
+    """Pillow reads compressed data block by block while decoding: each read checks the time bound."""
+
+    def __init__(self, buf, deadline: float | None):
+        super().__init__(buf)
+        self.deadline = deadline
+
+    def read(self, n=-1):
+        if self.deadline is not None and time.monotonic() > self.deadline:
+            raise ImageConversionError("decoding exceeded its time bound (max_decode_s)")
+        return super().read(n)
+
+
+def compressed_to_rgb(msg, max_pixels: int = MAX_PIXELS_DEFAULT, max_decode_s: float | None = None) -> np.ndarray:
+    """sensor_msgs/CompressedImage (JPEG or PNG) -> HxWx3 uint8 RGB, decoded with Pillow; with ``max_decode_s``,
+    decoding stops (ImageConversionError) once it took longer than that (checked every 4 kB of input)."""
     from PIL import Image as PILImage
 
     fmt = msg.format if isinstance(msg.format, str) else ""
@@ -215,7 +230,9 @@ def compressed_to_rgb(msg, max_pixels: int = MAX_PIXELS_DEFAULT) -> np.ndarray:
             f"CompressedImage data is neither JPEG nor PNG (format {fmt[:60]!r}, first bytes {bytes(buf[:8])!r})"
         )
     try:
-        with PILImage.open(io.BytesIO(buf), formats=[kind]) as im:
+        deadline = None if max_decode_s is None else time.monotonic() + max_decode_s
+        with PILImage.open(_DeadlineReader(buf, deadline), formats=[kind]) as im:
+            im.decodermaxblock = 4096  # small blocks: the time bound is checked between them
             w, h = im.size
             if w <= 0 or h <= 0:
                 raise ImageConversionError(f"zero-size {kind} image: {w}x{h}")

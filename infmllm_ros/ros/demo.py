@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import rclpy
     from diagnostic_msgs.msg import DiagnosticArray
-    from geometry_msgs.msg import Twist
+    from geometry_msgs.msg import TwistStamped
     from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy
     from std_msgs.msg import String
     from std_srvs.srv import SetBool
@@ -137,7 +137,8 @@ def main(argv: list[str] | None = None) -> int:
     latched = QoSProfile(depth=50, reliability=ReliabilityPolicy.RELIABLE, durability=DurabilityPolicy.TRANSIENT_LOCAL)
     results, diags, twists = deque(), {}, []
     client.create_subscription(String, f"/{NODE}/result", lambda m: results.append(json.loads(m.data)), latched)
-    client.create_subscription(Twist, "/cmd_vel", lambda m: twists.append((m.linear.x, m.angular.z)), 10)
+    client.create_subscription(TwistStamped, "/cmd_vel",  # the node's default (cmd_vel_stamped: true)
+                               lambda m: twists.append((m.twist.linear.x, m.twist.angular.z)), 10)
 
     def on_diag(msg):
         for st in msg.status:

@@ -1,10 +1,11 @@
 """Inputs: the ``image`` and ``instruction`` subscriptions, strict decoding, rejection counting.
 
-Image callbacks only take the serialized bytes and put them in a one-slot mailbox (latest wins; a message replaced
-before it was decoded counts as ``frames_skipped``). A decode thread deserializes and converts them (``convert.py``: header
-checks before decoding, so a declared size above ``max_image_pixels`` costs nothing) and hands the frame to the
-worker's mailbox. So no image work runs on the executor: the instruction callback, the services and the motion
-watchdog each have their own callback group and never wait for a JPEG/PNG decode.
+Image callbacks only take the serialized bytes and put them in a one-slot mailbox (latest wins; a message
+replaced before it was decoded counts as ``frames_skipped``). A decode thread deserializes and converts them
+(``convert.py``: header checks before decoding, so a declared size above ``max_image_pixels`` costs nothing; a
+decode slower than ``max_decode_s`` is stopped) and hands the frame to the worker's mailbox. So no image work
+runs on the executor: the instruction callback, the services and the motion watchdog each have their own
+callback group and never wait for a JPEG/PNG decode.
 """
 
 from __future__ import annotations
@@ -158,7 +159,8 @@ class Inputs:
             if not compressed and msg.encoding != msg.encoding.strip():  # cv_bridge matches encodings exactly
                 raise ImageConversionError(f"unsupported encoding {msg.encoding[:40]!r} (padded)")
             limit = self.p["max_image_pixels"]
-            rgb = compressed_to_rgb(msg, limit) if compressed else imgmsg_to_rgb(msg, limit)
+            rgb = (compressed_to_rgb(msg, limit, float(self.p["max_decode_s"])) if compressed
+                   else imgmsg_to_rgb(msg, limit))
         except ImageConversionError as e:
             self.reject("frames", str(e))
             return

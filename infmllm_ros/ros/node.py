@@ -127,7 +127,7 @@ class InfMLLMNode(LifecycleNode):
             row = P.BY_NAME.get(prm.name)
             if why is None and row is not None and configured:
                 if not row.live:
-                    why = f"takes effect at configure only: deactivate, cleanup, set it, then configure (reconfigure)"
+                    why = "takes effect at configure only: deactivate, cleanup, set it, then configure (reconfigure)"
                 elif prm.name == "generation.max_new_tokens" and prm.value > self.p.get(prm.name, 0):
                     why = (f"the cache was sized for {self.p[prm.name]} new tokens at configure; a larger value "
                            "needs a reconfigure")

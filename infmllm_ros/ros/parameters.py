@@ -19,9 +19,9 @@ from __future__ import annotations
 
 import math
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 INT_MAX = 2**62  # anything near int64 is nonsense for every integer here; ranges below are much tighter
 
@@ -102,6 +102,8 @@ TABLE: tuple[Param, ...] = (
     Param("cache.max_chunk", 256, "largest prefill chunk in tokens; 0 = auto (from the model and frame.tokens)",
           lo=0, hi=1 << 20, extra=_max_chunk),
     Param("frame_rate", 1.0, "frames per second entering the session (newest wins)", when="live", lo=1e-3, hi=1000.0),
+    Param("max_decode_s", 2.0, "seconds one JPEG/PNG decode may take; a slower one is stopped and the frame "
+          "rejected", when="live", lo=0.01, hi=60.0),
     Param("max_frame_age", 5.0, "seconds: an answer on an older view says it is stale, actions are refused and "
           "/diagnostics warns; 0 = never stale", when="live", lo=0.0, hi=3600.0, extra=lambda v: None if v == 0 or
           v >= 0.05 else "must be 0 (off) or >= 0.05"),

@@ -30,6 +30,25 @@ def bomb_png() -> bytes:
     return b.getvalue()
 
 
+def test_decode_time_bound():
+    """A decode that takes longer than max_decode_s is stopped and refused (the PNG needs ~0.8 s here)."""
+    from sensor_msgs.msg import CompressedImage
+
+    from infmllm_ros.ros.convert import ImageConversionError, compressed_to_rgb
+
+    m = CompressedImage()
+    m.format, m.data = "png", bomb_png()
+    t = time.monotonic()
+    with pytest.raises(ImageConversionError, match="time bound"):
+        compressed_to_rgb(m, 4096 * 4096, max_decode_s=0.02)
+    stopped = time.monotonic() - t
+    t = time.monotonic()
+    rgb = compressed_to_rgb(m, 4096 * 4096)
+    full = time.monotonic() - t
+    assert rgb.shape == (4096, 4096, 3) and not rgb.any()
+    print(f"bounded decode stopped after {stopped:.3f} s, full decode {full:.3f} s")
+
+
 def test_png_flood_does_not_delay_instructions_or_watchdog():
     from diagnostic_msgs.msg import DiagnosticArray
     from geometry_msgs.msg import TwistStamped

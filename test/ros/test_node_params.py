@@ -16,8 +16,8 @@ pytestmark = pytest.mark.ros
 
 DOMAIN = domain(1)
 NS = "/infmllm_node"
-ZERO_MEANS_SOMETHING = {"max_frame_age", "cache.budget", "cache.window", "cache.max_chunk", "cache.recent", "cache.sinks",
-                        "cache.bias_strength", "frame.max_side", "generation.temperature"}
+ZERO_MEANS_SOMETHING = {"max_frame_age", "cache.budget", "cache.window", "cache.max_chunk", "cache.recent",
+                        "cache.sinks", "cache.bias_strength", "frame.max_side", "generation.temperature"}
 # the values of issue 15 items 2-4, each of which once crashed the process, killed the worker or left a node that
 # was active but could not answer
 ISSUE_CASES = [("reset_timeout", math.inf), ("reset_timeout", 1e10), ("frame_rate", 1e-12), ("watchdog_rate", math.inf),
@@ -163,6 +163,30 @@ def test_live_applied_configure_only_refused_while_active(env):
     assert set_param(c, "watchdog_rate", 20.0).successful
     assert set_param(c, "use_sim_time", False).successful  # not ours: passes through
     ask_and_answer(c, "after live changes")
+
+
+def test_live_values_take_effect(env):
+    """answer_stream and actions.mode change what the very next instruction gets, without a reconfigure."""
+    import json
+
+    from std_msgs.msg import String
+
+    c = env
+    c.collect(String, f"{NS}/answer_stream", c.qos(depth=100), "stream")
+    assert set_param(c, "answer_stream", False).successful
+    t = time.monotonic()
+    ask_and_answer(c, "quiet please")
+    time.sleep(0.3)
+    assert not [m for tt, m in c.msgs["stream"] if tt >= t]
+    assert set_param(c, "answer_stream", True).successful
+    ask_and_answer(c, "loud again")
+    assert c.wait_for(lambda: [m for tt, m in c.msgs["stream"] if tt >= t], 5)
+    assert set_param(c, "actions.mode", "off").successful
+    text = 'action: go {"action": "stop"}'
+    ask_and_answer(c, text)
+    r = [json.loads(m.data) for m in c.got("result") if json.loads(m.data)["instruction"] == text][-1]
+    assert "answer to: action:" in r["answer"] and r["action"] is None and r["action_error"] is None
+    assert set_param(c, "actions.mode", "prefix").successful  # the constraint was built at configure
 
 
 def test_bad_values_at_start_fail_configure_then_recover():

@@ -58,7 +58,7 @@ def start_node(log: Path, params: dict) -> subprocess.Popen:
 
 
 def one_session(tmp: Path, video_bag: Path, params: dict = NODE_PARAMS,
-                results_qos: str = "reliable") -> tuple[list[dict], list[str]]:
+                results_qos: str = "reliable", replay_args: tuple = ()) -> tuple[list[dict], list[str]]:
     """Fresh node, recorder on ~/result and ~/answer, one replay with /clock; returns (results, answers).
 
     Readiness comes from the graph, not from log text: the recorder (transient_local) is up before the node
@@ -72,7 +72,7 @@ def one_session(tmp: Path, video_bag: Path, params: dict = NODE_PARAMS,
                           "--qos", results_qos, "--max-messages", 6)
         rec.wait_ready()
         play = rs.run("infmllm-replay", video_bag, "--rate", RATE, "--clock", "--wait-for-subscribers", "1",
-                      "--wait-timeout", "120", "--delay", "0.5", domain=DOMAIN, timeout=180)
+                      "--wait-timeout", "120", "--delay", "0.5", *replay_args, domain=DOMAIN, timeout=180)
         assert play.returncode == 0, play.stderr + (tmp / "node.log").read_text()
         assert rec.wait(120) == 0, rec.text() + (tmp / "node.log").read_text()
     finally:
@@ -118,8 +118,11 @@ def test_compressed_bag_into_node_with_default_qos(tmp_path):
     jpeg = rs.make_video_bag(tmp_path / "jpeg", "--resize", "64x48", "--fps", "1", "--max-frames", "7",
                              "--compressed", script=SCRIPT)
     params = {"model": "tiny:llava_llama", "use_sim_time": "true", "frame_rate": "50.0",
-              "image_transport": "compressed", "generation.max_new_tokens": str(MAX_NEW_TOKENS)}
-    results, answers = one_session(tmp_path, jpeg, params, results_qos="volatile")
+              "image_transport": "compressed", "generation.max_new_tokens": str(MAX_NEW_TOKENS),
+              "image_topic": "camera/image"}
+    # the node listens where image_transport puts compressed frames: <image_topic>/compressed
+    results, answers = one_session(tmp_path, jpeg, params, results_qos="volatile",
+                                   replay_args=("--remap", "/image:=/camera/image/compressed"))
     frames = [rs.stamp_ns(m) for topic, _, _, m in bag.read_all(jpeg) if topic == "/image"]
     assert [r["instruction"] for r in results] == [line.split('"')[1] for line in SCRIPT.splitlines()]
     assert [r["answer"] for r in results] == answers
