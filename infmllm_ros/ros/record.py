@@ -5,10 +5,12 @@ clock (system time, or /clock with --use-sim-time). Topic types come from the gr
 `--ros-args -r /a:=/b` records the live topic /b under the name /a in the bag.
 SIGINT / SIGTERM, --duration and --max-messages stop it cleanly: what was already received is taken from the
 queues and written, and the bag is closed (metadata.yaml written), so it is valid after Ctrl-C.
-A SIGKILL (or power loss of the process) loses at most the last --flush-interval seconds: the mcap chunk is
-closed and the sqlite3 transaction committed that often. Such a bag has no metadata.yaml (and an mcap file no
-footer); `infmllm-record --reindex BAG` repairs it in place, like `ros2 bag reindex`.
-metadata.yaml lists each topic's offered QoS profiles (those of its publishers when recording started).
+A SIGKILL loses at most the last --flush-interval seconds: the mcap chunk is closed and the sqlite3 transaction
+committed (WAL) that often (written through to the OS, not fsynced: a power cut can lose more). Such a bag has
+no metadata.yaml (and an mcap file no footer); `infmllm-record --reindex BAG` repairs it in place, like
+`ros2 bag reindex`.
+metadata.yaml lists each topic's offered QoS profiles (its publishers' when recording starts, or for a typed topic
+with no publisher yet, when its first message arrives), and ros_distro from $ROS_DISTRO (else kilted).
 Exit status: 0 recorded (or repaired), 1 bad arguments or output, 2 topics not found in time.
 """
 
@@ -37,7 +39,9 @@ def parse_topic(spec: str) -> tuple[str, str | None]:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="infmllm-record", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="example: infmllm-record out/run1 --topics /image /instruction /infmllm/answer:std_msgs/msg/String")
+        epilog="examples:\n  infmllm-record out/run1 --topics /image /instruction /infmllm/answer:std_msgs/msg/String\n"
+               "  infmllm-record --reindex out/run1      # repair a recording whose recorder was killed\n"
+               "  ros2 run infmllm_ros infmllm-record ...  # the same after colcon build (tools are not on PATH)")
     p.add_argument("bag", nargs="?", help="output bag folder (must not exist unless --overwrite)")
     p.add_argument("--topics", nargs="+", metavar="TOPIC[:TYPE]",
                    help="topics to record; TYPE (pkg/msg/Name) skips waiting for the topic to appear in the graph")
