@@ -70,6 +70,7 @@ def test_sigkill_loses_at_most_the_flush_interval(tmp_path, source, storage):
     assert fixed.returncode == 0 and "reindexed" in fixed.stderr, fixed.stderr + where
     recorded = bag.read_all(out)
     src = bag.read_all(source)
+    print(f"{where}: recovered {len(recorded)} of {sent} sent")
     assert len(recorded) >= 0.9 * sent, f"{len(recorded)} of {sent} sent recovered ({where})"
     assert len(recorded) <= COUNT
     for i, (a, b) in enumerate(zip(src, recorded, strict=False)):  # an unbroken prefix, identical payloads
