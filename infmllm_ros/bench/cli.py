@@ -27,7 +27,8 @@ ALL = ("cost", "text", "recall", "report")
 def top_parser() -> argparse.ArgumentParser:
     epilog = "\n".join([f"  {name:<11} {text}" for name, (_, text) in COMMANDS.items()]
                        + [f"  {'all':<11} {', '.join(ALL)} in turn (options: --out DIR, --report FILE)", "",
-                          "infmllm-bench SUB --help shows the options of SUB."])
+                          "infmllm-bench SUB --help shows the options of SUB.",
+                          "After colcon build (tools are not on PATH): ros2 run infmllm_ros infmllm-bench SUB ..."])
     parser = argparse.ArgumentParser(prog="infmllm-bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog="subcommands:\n" + epilog)

@@ -53,6 +53,7 @@ def test_every_console_script_is_where_ros2_run_looks(prefix):
 def test_installed_tool_prints_its_help(prefix, tmp_path, tool):
     proc = _run(prefix, tool, "--help", cwd=tmp_path)
     assert proc.returncode == 0 and proc.stdout.startswith(f"usage: {tool}"), proc.stderr[-2000:]
+    assert f"ros2 run infmllm_ros {tool}" in proc.stdout  # the help shows how to run it after colcon build
 
 
 def test_installed_tools_use_the_installed_package(prefix, tmp_path):
