@@ -75,6 +75,9 @@ class McapScan:
     def __init__(self, path: Path):
         with open(path, "rb") as f:  # mapped, not read: a recording can be larger than memory
             self.data = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if path.stat().st_size else b""
+        if len(self.data) < len(MCAP_MAGIC):
+            raise bag.BagError(f"{path} holds {len(self.data)} bytes: the recorder was killed before its first "
+                               f"flush, there is nothing to recover")
         if self.data[:8] != MCAP_MAGIC:
             raise bag.BagError(f"{path} is not an mcap file (no magic at its start)")
         self.schemas: dict[int, tuple[str, str]] = {}  # id -> (type name, definition text)

@@ -96,6 +96,9 @@ def test_not_a_recording_is_a_clean_error(tmp_path):
     with pytest.raises(bag.BagError, match="not an mcap file"):
         bag_reindex.reindex(tmp_path / "x")
     assert bag_reindex.main([str(tmp_path / "missing")]) == 1
+    (tmp_path / "x" / "x.mcap").write_bytes(b"")  # killed before anything reached the file
+    with pytest.raises(bag.BagError, match="nothing to recover"):
+        bag_reindex.reindex(tmp_path / "x")
 
 
 @pytest.mark.parametrize("storage", ["mcap", "sqlite3"])
