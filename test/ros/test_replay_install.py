@@ -38,7 +38,8 @@ def prefix(tmp_path_factory):
 
 def _run(prefix: Path, tool: str, *args, cwd: Path) -> subprocess.CompletedProcess:
     site = next(prefix.glob("lib/python3*/site-packages"))
-    env = dict(os.environ, PYTHONPATH=str(site))
+    # the scripts run with the python3 first on PATH (setup.cfg: env python3), here as in an activated venv
+    env = dict(os.environ, PYTHONPATH=str(site), PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
     return subprocess.run([str(prefix / "lib" / "infmllm_ros" / tool), *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=120)
 
@@ -47,6 +48,8 @@ def test_every_console_script_is_where_ros2_run_looks(prefix):
     installed = {p.name for p in (prefix / "lib" / "infmllm_ros").iterdir()}
     assert set(TOOLS) | {"infmllm_node"} <= installed, installed
     assert not (prefix / "bin").exists()  # nothing lands on PATH: `ros2 run infmllm_ros <tool>` is the way
+    for tool in installed:  # not the interpreter that ran the build (colcon's own python lacks the venv's packages)
+        assert (prefix / "lib" / "infmllm_ros" / tool).read_text().startswith("#!/usr/bin/env python3\n"), tool
 
 
 @pytest.mark.parametrize("tool", TOOLS)
