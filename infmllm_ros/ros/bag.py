@@ -94,9 +94,10 @@ def ensure_type(msgtype: str) -> None:
 
 
 def open_writer(path: str | Path, storage: str = "mcap", overwrite: bool = False,
-                flush_interval: float | None = None) -> DurableWriter:
-    """An opened writer for a new bag directory (rosbag2 version 9); with `flush_interval` (seconds) what was
-    written survives a SIGKILL once that much time has passed (see bag_writer)."""
+                flush_interval: float | None = None, flush_messages: int | None = None) -> DurableWriter:
+    """An opened writer for a new bag directory (rosbag2 version 9); with `flush_interval` (seconds) and / or
+    `flush_messages`, what was written survives a SIGKILL once that much time or that many messages have passed
+    (see bag_writer)."""
     path = Path(path)
     if storage not in STORAGES:
         raise BagError(f"unknown storage {storage!r} (choose from {', '.join(STORAGES)})")
@@ -106,7 +107,8 @@ def open_writer(path: str | Path, storage: str = "mcap", overwrite: bool = False
         shutil.rmtree(path) if path.is_dir() else path.unlink()
     if not path.parent.exists():
         raise BagError(f"output folder {path.parent} does not exist")
-    writer = DurableWriter(path, version=BAG_VERSION, storage_plugin=STORAGES[storage], flush_interval=flush_interval)
+    writer = DurableWriter(path, version=BAG_VERSION, storage_plugin=STORAGES[storage], flush_interval=flush_interval,
+                           flush_messages=flush_messages)
     writer.open()
     return writer
 

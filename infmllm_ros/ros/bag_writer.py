@@ -3,9 +3,9 @@
 rosbags' own writers keep everything since the last 1 MiB in memory (mcap: the open chunk) or in one open
 transaction (sqlite3), so a killed recorder left an mcap without its last MiB and without a footer, and a
 sqlite3 bag with no messages at all (the transaction is rolled back). Here, at least every `flush_interval`
-seconds, the mcap chunk is closed and written through to the file, and the sqlite3 transaction is committed
-(WAL journal, so a commit is an append). What a SIGKILL loses is at most that much; `bag_reindex` turns what
-is left into a complete bag (summary, footer, metadata.yaml).
+seconds and every `flush_messages` messages, the mcap chunk is closed and written through to the file, and the
+sqlite3 transaction is committed (WAL journal, so a commit is an append). What a SIGKILL loses is at most that;
+`bag_reindex` turns what is left into a complete bag (summary, footer, metadata.yaml).
 """
 
 from __future__ import annotations
@@ -71,25 +71,31 @@ class _Sqlite3Storage(Sqlite3Writer):
 
 
 class DurableWriter(Writer):
-    """rosbags Writer + `flush()` (also done by `write` every `flush_interval` s; None = only rosbags' own 1 MiB
-    chunks, for bags made offline) + ros_distro in metadata.yaml."""
+    """rosbags Writer + `flush()` (also done by `write` every `flush_interval` s and every `flush_messages`
+    messages; None = only rosbags' own 1 MiB chunks, for bags made offline) + ros_distro in metadata.yaml."""
 
     STORAGE_PLUGINS = {StoragePlugin.SQLITE3: _Sqlite3Storage, StoragePlugin.MCAP: _McapStorage}
 
-    def __init__(self, path, *, version, storage_plugin, flush_interval: float | None = None) -> None:
+    def __init__(self, path, *, version, storage_plugin, flush_interval: float | None = None,
+                 flush_messages: int | None = None) -> None:
         super().__init__(path, version=version, storage_plugin=storage_plugin)
-        self.flush_interval = flush_interval
+        self.flush_interval, self.flush_messages = flush_interval, flush_messages
         self._flushed_at = time.monotonic()
+        self._unflushed = 0  # messages written since the last flush
 
     def write(self, connection, timestamp: int, data) -> None:
         super().write(connection, timestamp, data)
-        self.flush_if_due()
+        self._unflushed += 1
+        if self.flush_messages is not None and self._unflushed >= self.flush_messages:
+            self.flush()
+        else:
+            self.flush_if_due()
 
     def flush(self) -> None:
         """Make everything written so far survive a SIGKILL of this process."""
         if self.storage is not None:
             self.storage.flush()
-        self._flushed_at = time.monotonic()
+        self._flushed_at, self._unflushed = time.monotonic(), 0
 
     def flush_if_due(self) -> None:
         """Called by `write`, and by a recorder's idle loop: the last messages before a pause must not wait for

@@ -5,10 +5,10 @@ clock (system time, or /clock with --use-sim-time). Topic types come from the gr
 `--ros-args -r /a:=/b` records the live topic /b under the name /a in the bag.
 SIGINT / SIGTERM, --duration and --max-messages stop it cleanly: what was already received is taken from the
 queues and written, and the bag is closed (metadata.yaml written), so it is valid after Ctrl-C.
-A SIGKILL loses at most the last --flush-interval seconds: the mcap chunk is closed and the sqlite3 transaction
-committed (WAL) that often (written through to the OS, not fsynced: a power cut can lose more). Such a bag has
-no metadata.yaml (and an mcap file no footer); `infmllm-record --reindex BAG` repairs it in place, like
-`ros2 bag reindex`.
+A SIGKILL loses at most the last --flush-interval seconds or --flush-messages messages: the mcap chunk is closed
+and the sqlite3 transaction committed (WAL) that often (written through to the OS, not fsynced: a power cut can
+lose more). Such a bag has no metadata.yaml (and an mcap file no footer); `infmllm-record --reindex BAG` repairs
+it in place, like `ros2 bag reindex`.
 metadata.yaml lists each topic's offered QoS profiles (its publishers' when recording starts, or for a typed topic
 with no publisher yet, when its first message arrives), and ros_distro from $ROS_DISTRO (else kilted).
 Exit status: 0 recorded (or repaired), 1 bad arguments or output, 2 topics not found in time.
@@ -60,6 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--flush-interval", type=float, default=1.0, metavar="S",
                    help="write recorded messages through to the file at least every S seconds (default 1): "
                         "a killed recorder loses at most that much")
+    p.add_argument("--flush-messages", type=int, default=1000, metavar="N",
+                   help="... and at least every N messages (default 1000), which bounds the loss at high rates")
     p.add_argument("--reindex", metavar="BAG",
                    help="instead of recording: repair BAG, a recording whose recorder was killed (rebuilds the "
                         "mcap summary and footer, or recovers the sqlite3 WAL, and writes metadata.yaml)")
@@ -92,8 +94,8 @@ def main(argv: list[str] | None = None) -> int:
             raise bag.BagError("give an output bag and --topics (or --reindex BAG)")
         if not args.flush_interval > 0 or args.flush_interval == float("inf"):
             raise bag.BagError("--flush-interval must be a finite number of seconds > 0")
-        if args.depth < 1 or (args.max_messages is not None and args.max_messages < 1):
-            raise bag.BagError("--depth and --max-messages must be >= 1")
+        if args.depth < 1 or args.flush_messages < 1 or (args.max_messages is not None and args.max_messages < 1):
+            raise bag.BagError("--depth, --flush-messages and --max-messages must be >= 1")
         if Path(args.bag).exists() and not args.overwrite:
             raise bag.BagError(f"output bag {args.bag} already exists (use --overwrite to replace it)")
         specs = dict(parse_topic(s) for s in args.topics)
@@ -124,7 +126,7 @@ def _record(args, ros_args, specs: dict, stop: _Stop) -> int:
         if types is None:
             return 130 if stop.requested else 2
         writer = bag.open_writer(args.bag, storage=args.storage, overwrite=args.overwrite,
-                                 flush_interval=args.flush_interval)
+                                 flush_interval=args.flush_interval, flush_messages=args.flush_messages)
         clock = node.get_clock()
 
         conns = {}

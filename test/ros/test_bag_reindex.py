@@ -62,6 +62,18 @@ def test_killed_bag_is_repaired_to_what_was_flushed(tmp_path, storage):
     assert sorted(f.name for f in killed.iterdir()) == sorted(["metadata.yaml", "killed" + suffix])  # no -wal left
 
 
+@pytest.mark.parametrize("storage", ["mcap", "sqlite3"])
+def test_flush_every_n_messages(tmp_path, storage):
+    writer = bag.open_writer(tmp_path / "live", storage=storage, flush_messages=10)  # no time-based flush
+    conn = bag.add_connection(writer, "/chat", STRING)
+    for i in range(25):
+        writer.write(conn, 10**9 + i, payload(i))
+    killed = snapshot(writer, tmp_path / "killed")
+    writer.close()
+    assert bag_reindex.reindex(killed)["messages"] == 20  # two flushes of 10; the last 5 were still in memory
+    assert written(killed) == [("/chat", 10**9 + i, payload(i)) for i in range(20)]
+
+
 def test_torn_mcap_chunk_is_dropped(tmp_path):
     writer = bag.open_writer(tmp_path / "live", flush_interval=3600)
     conn = bag.add_connection(writer, "/chat", STRING)

@@ -30,7 +30,8 @@ def test_help(name, words):
     ((), "give an output bag and --topics"), (("out",), "give an output bag and --topics"),
     (("--reindex", "x", "--topics", "/a"), "--reindex BAG takes no output bag"),
     (("--reindex", "/nonexistent/bag"), "bag not found"),
-    (("out", "--topics", "/a:std_msgs/msg/String", "--flush-interval", "0"), "--flush-interval must be")])
+    (("out", "--topics", "/a:std_msgs/msg/String", "--flush-interval", "0"), "--flush-interval must be"),
+    (("out", "--topics", "/a:std_msgs/msg/String", "--flush-messages", "0"), "--flush-messages")])
 def test_record_argument_errors(tmp_path, args, words):
     proc = subprocess.run(rs.command("infmllm-record") + list(args), cwd=tmp_path, env=rs.env(DOMAIN),
                           capture_output=True, text=True, timeout=60)
