@@ -32,7 +32,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q test
 
 bench: $(STAMP)
-	$(BIN)/infmllm-bench all
+	$(BIN)/infmllm-bench all --out docs/bench --report docs/BENCHMARKS.md
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

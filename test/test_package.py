@@ -48,8 +48,8 @@ def test_setup_py_versions_agree_and_scripts_exist():
 
 @pytest.mark.skipif(shutil.which("colcon", path=str(BIN)) is None, reason="colcon not installed in this venv")
 def test_colcon_build_installs_package_index_launch_config_and_scripts(tmp_path):
-    env = dict(os.environ)
-    env.pop("AMENT_PREFIX_PATH", None)
+    env = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}")  # as in an activated venv: the
+    env.pop("AMENT_PREFIX_PATH", None)  # scripts' shebang is `env python3` (setup.cfg)
     build = subprocess.run(
         [str(BIN / "colcon"), "--log-base", str(tmp_path / "log"), "build", "--base-paths", str(ROOT),
          "--build-base", str(tmp_path / "build"), "--install-base", str(tmp_path / "install")],

@@ -1,19 +1,20 @@
 """infmllm-bench: benchmarks of the bounded cache, the session and the embedded models.
 
 Each subcommand lives in its own module and is imported only when asked for (transformers takes seconds
-to import)."""
+to import); `infmllm-bench SUB --help` is that module's own help. Results go to ./bench_results unless --out
+says otherwise (`make bench` in the source tree writes docs/bench and docs/BENCHMARKS.md)."""
 
 import argparse
 import importlib
 import sys
 
-# subcommand -> (module with a main(argv) function, one-line help)
+# The one registry of subcommands: name -> (module with a main(argv) function, one-line help).
 COMMANDS = {
     "cache-cost": ("infmllm_ros.bench.cache_cost", "per-chunk latency and KV bytes vs stream length, every policy"),
     "train-lm": ("infmllm_ros.bench.train_lm", "train the in-house byte-level Llama on the KJV text (time-boxed)"),
     "text": ("infmllm_ros.bench.text_ppl", "streaming perplexity of every policy vs the recompute reference"),
     "cost": ("infmllm_ros.bench.cost", "latency, KV bytes, peak memory vs stream length, ratios to StreamingLLM"),
-    "report": ("infmllm_ros.bench.report", "regenerate docs/BENCHMARKS.md from the JSON results"),
+    "report": ("infmllm_ros.bench.report", "regenerate BENCHMARKS.md from the JSON results"),
     "train-vlm": ("infmllm_ros.bench.train_vlm", "train the embedded robot VLM on the synthetic world (time-boxed)"),
     "recall": ("infmllm_ros.bench.recall", "accuracy vs distance on held-out world episodes, per cache policy"),
 }
@@ -23,19 +24,45 @@ COMMANDS = {
 ALL = ("cost", "text", "recall", "report")
 
 
+def top_parser() -> argparse.ArgumentParser:
+    epilog = "\n".join([f"  {name:<11} {text}" for name, (_, text) in COMMANDS.items()]
+                       + [f"  {'all':<11} {', '.join(ALL)} in turn (options: --out DIR, --report FILE)", "",
+                          "infmllm-bench SUB --help shows the options of SUB.",
+                          "After colcon build (tools are not on PATH): ros2 run infmllm_ros infmllm-bench SUB ..."])
+    parser = argparse.ArgumentParser(prog="infmllm-bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog="subcommands:\n" + epilog)
+    parser.add_argument("command", choices=list(COMMANDS) + ["all"], metavar="SUB", help="subcommand (below)")
+    return parser
+
+
+def all_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="infmllm-bench all", description=f"Run {', '.join(ALL)} in turn with "
+                                     "their default settings; run a subcommand by name to pass other options.")
+    parser.add_argument("--out", default=None, help="results folder of every measurement (default ./bench_results)")
+    parser.add_argument("--report", default=None, help="where the report goes (default OUT/BENCHMARKS.md)")
+    return parser
+
+
+def all_argv(name: str, args: argparse.Namespace) -> list[str]:
+    """The options `all` passes to one of its subcommands."""
+    if name == "report":
+        return (["--results", args.out] if args.out else []) + (["--output", args.report] if args.report else [])
+    return ["--out", args.out] if args.out else []
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
-    parser = argparse.ArgumentParser(prog="infmllm-bench", description=__doc__.splitlines()[0])
-    parser.add_argument("command", choices=sorted(COMMANDS) + ["all"], help="; ".join(
-        f"{name}: {text}" for name, (_, text) in sorted(COMMANDS.items())) + f"; all: {', '.join(ALL)}")
-    args, rest = parser.parse_known_args(argv)
-    if args.command == "all" and rest:
-        parser.error("`all` takes no options; run a subcommand by name to pass options")
-    names = ALL if args.command == "all" else [args.command]
+    # The subcommand is the first word; everything after it is its own (its --help included).
+    if not argv or argv[0].startswith("-"):
+        top_parser().parse_args(argv[:1] or ["--help"])  # prints help (or a usage error) and exits
+    command, rest = top_parser().parse_args(argv[:1]).command, argv[1:]
+    if command != "all":
+        return importlib.import_module(COMMANDS[command][0]).main(rest) or 0
+    args = all_parser().parse_args(rest)
     rc = 0
-    for name in names:
-        module = importlib.import_module(COMMANDS[name][0])
-        rc = rc or (module.main(rest) or 0)
+    for name in ALL:
+        rc = rc or (importlib.import_module(COMMANDS[name][0]).main(all_argv(name, args)) or 0)
     return rc
 
 

@@ -11,7 +11,9 @@ import sys
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-DEFAULT_OUT = REPO_ROOT / "docs" / "bench"
+# Results go to the folder a user runs from, never into the installed package: `make bench` in the source tree
+# passes --out docs/bench (the committed results).
+DEFAULT_OUT = Path("bench_results")
 ASSET_MODEL = Path(__file__).resolve().parents[1] / "assets" / "kjv_lm"
 
 

@@ -1,8 +1,8 @@
-"""infmllm-bench report: docs/BENCHMARKS.md generated from the JSON results (never edited by hand).
+"""infmllm-bench report: BENCHMARKS.md generated from the JSON results (never edited by hand).
 
-Reads every `*.json` results file under --results (default docs/bench/), renders each with its own module's
-markdown function, links its PNG (regenerated from the JSON when missing), and adds the machines, the commits and
-the exact commands that reproduce every number.
+Reads every `*.json` results file under --results (default ./bench_results; `make bench`: docs/bench), renders
+each with its own module's markdown function, links its PNG (regenerated from the JSON when missing), and adds
+the machines, the commits and the exact commands that reproduce every number.
 """
 
 from __future__ import annotations
@@ -114,8 +114,11 @@ def _rel(path: Path, output: Path) -> str:
 def parse(argv):
     p = argparse.ArgumentParser(prog="infmllm-bench report", description=__doc__.splitlines()[0])
     p.add_argument("--results", default=str(common.DEFAULT_OUT), help="folder of results JSON files")
-    p.add_argument("--output", default=str(common.REPO_ROOT / "docs" / "BENCHMARKS.md"))
-    return p.parse_args(argv)
+    p.add_argument("--output", default=None, help="the page to write (default RESULTS/BENCHMARKS.md; "
+                   "`make bench`: docs/BENCHMARKS.md)")
+    args = p.parse_args(argv)
+    args.output = args.output or str(Path(args.results) / "BENCHMARKS.md")
+    return args
 
 
 def main(argv=None):

@@ -222,7 +222,7 @@ def parse(argv):
     p.add_argument("--full-tokens", type=int, default=16384,
                    help="the full cache runs over this prefix only (its cost is quadratic); 0 = the whole stream")
     p.add_argument("--window-tokens", type=int, default=0, help="tokens per reported window (default tokens/16)")
-    p.add_argument("--text", default=None, help="a text file instead of the KJV (its last 10 % is streamed)")
+    p.add_argument("--text", default=None, help="a text file instead of the KJV (its last 10 %% is streamed)")
     p.add_argument("--data-dir", default=str(corpus.DATA_DIR))
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", default="auto", help="auto = float32 on CPU, bfloat16 on CUDA")

@@ -15,8 +15,10 @@ import sys
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from rosbags.rosbag2 import Reader, StoragePlugin, Writer
+from rosbags.rosbag2 import Reader, StoragePlugin
 from rosbags.typesys import Stores, get_types_from_msg, get_typestore
+
+from infmllm_ros.ros.bag_writer import DurableWriter
 
 STORAGES = {"mcap": StoragePlugin.MCAP, "sqlite3": StoragePlugin.SQLITE3}
 BAG_VERSION = 9
@@ -91,8 +93,11 @@ def ensure_type(msgtype: str) -> None:
     store.register(found)
 
 
-def open_writer(path: str | Path, storage: str = "mcap", overwrite: bool = False) -> Writer:
-    """An opened rosbags Writer for a new bag directory (rosbag2 version 9)."""
+def open_writer(path: str | Path, storage: str = "mcap", overwrite: bool = False,
+                flush_interval: float | None = None, flush_messages: int | None = None) -> DurableWriter:
+    """An opened writer for a new bag directory (rosbag2 version 9); with `flush_interval` (seconds) and / or
+    `flush_messages`, what was written survives a SIGKILL once that much time or that many messages have passed
+    (see bag_writer)."""
     path = Path(path)
     if storage not in STORAGES:
         raise BagError(f"unknown storage {storage!r} (choose from {', '.join(STORAGES)})")
@@ -102,12 +107,13 @@ def open_writer(path: str | Path, storage: str = "mcap", overwrite: bool = False
         shutil.rmtree(path) if path.is_dir() else path.unlink()
     if not path.parent.exists():
         raise BagError(f"output folder {path.parent} does not exist")
-    writer = Writer(path, version=BAG_VERSION, storage_plugin=STORAGES[storage])
+    writer = DurableWriter(path, version=BAG_VERSION, storage_plugin=STORAGES[storage], flush_interval=flush_interval,
+                           flush_messages=flush_messages)
     writer.open()
     return writer
 
 
-def add_connection(writer: Writer, topic: str, msgtype: str, qos=()):
+def add_connection(writer: DurableWriter, topic: str, msgtype: str, qos=()):
     """Register a topic on an open writer, with its message definition from the type store."""
     msgtype = normalize_type(msgtype)
     ensure_type(msgtype)
@@ -121,13 +127,17 @@ def open_reader(path: str | Path) -> Reader:
         raise BagError(f"bag not found: {path}")
     if path.is_dir() and not (path / "metadata.yaml").exists():
         files = sorted(list(path.glob("*.mcap")) + list(path.glob("*.db3")))
-        hint = f"; pass the storage file itself to read it without metadata: {files[0]}" if files else ""
-        raise BagError(f"not a rosbag2 bag: {path} has no metadata.yaml (recording not closed?){hint}")
+        hint = (f" (a killed recording? repair it with `infmllm-record --reindex {path}`); a closed one reads "
+                f"without metadata when given the storage file itself: {files[0]}" if files else "")
+        raise BagError(f"not a rosbag2 bag: {path} has no metadata.yaml{hint}")
     try:
         reader = Reader(path)
         reader.open()
     except Exception as exc:  # rosbags raises ReaderError, FileNotFoundError, YAML, sqlite3 and struct errors
-        raise BagError(f"cannot open bag {path}: {_reason(exc)}") from None
+        hint = ""
+        if "magic" in str(exc).lower():  # an mcap without its footer: killed, or cut short
+            hint = f" (a recording that was not closed? repair it with `infmllm-record --reindex {path}`)"
+        raise BagError(f"cannot open bag {path}: {_reason(exc)}{hint}") from None
     return reader
 
 

@@ -144,7 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="infmllm-make-bag", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="example: infmllm-make-bag data/opencv-doc/vtest.avi out/vtest --script say.yaml "
-               "--resize 192x144 --fps 5 --max-frames 40")
+               "--resize 192x144 --fps 5 --max-frames 40\n"
+               "after colcon build (tools are not on PATH): ros2 run infmllm_ros infmllm-make-bag ...")
     p.add_argument("source", help="video file (needs PyAV) or folder of images (sorted by name)")
     p.add_argument("out", help="output bag folder (must not exist unless --overwrite)")
     p.add_argument("--script", help="YAML list of {t: seconds, say: text} instructions")

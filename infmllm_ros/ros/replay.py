@@ -96,7 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="infmllm-replay", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="example: infmllm-replay out/vtest --clock --wait-for-subscribers 1 --remap /image:=/camera/image\n"
-               "ROS arguments go last: infmllm-replay BAG --ros-args -r __node:=player")
+               "ROS arguments go last: infmllm-replay BAG --ros-args -r __node:=player\n"
+               "after colcon build (tools are not on PATH): ros2 run infmllm_ros infmllm-replay BAG ...\n"
+               "a recording whose recorder was killed: infmllm-record --reindex BAG first")
     p.add_argument("bag", help="bag folder, or a single .mcap / .db3 file")
     p.add_argument("--rate", type=float, default=1.0, help="playback speed factor (default 1.0; 0 = as fast as "
                                                            "possible)")

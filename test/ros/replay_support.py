@@ -7,6 +7,7 @@ on localhost.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -95,6 +96,23 @@ class Recorder:
         rc = self.proc.wait(timeout)
         self._log_file.close()
         return rc
+
+
+def sent_so_far(log: Path) -> int:
+    """What the player's last progress line ('... 12/53 msgs') says it has sent (0 before the first line)."""
+    counts = re.findall(r" (\d+)/\d+ msgs", log.read_text())
+    return int(counts[-1]) if counts else 0
+
+
+def wait_until_sent(log: Path, n: int, play: subprocess.Popen, timeout: float = 60) -> None:
+    """Poll the player's progress line until it has sent n messages."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if sent_so_far(log) >= n:
+            return
+        assert play.poll() is None, f"player exited early: {log.read_text()}"
+        time.sleep(0.02)
+    raise AssertionError(f"player did not send {n} messages in {timeout} s: {log.read_text()}")
 
 
 def by_topic(messages) -> dict[str, list]:

@@ -5,7 +5,6 @@ hold exactly the number of messages the recorder reports, and those must be an u
 stream, identical field by field.
 """
 
-import re
 import resource
 import signal
 import subprocess
@@ -29,18 +28,6 @@ def source(tmp_path_factory):
     return rs.make_video_bag(tmp_path_factory.mktemp("src") / "b", "--resize", "128x96", "--max-frames", FRAMES)
 
 
-def wait_until_sent(log: Path, n: int, play: subprocess.Popen, timeout: float = 60) -> None:
-    """Poll the player's progress line ('... 12/53 msgs') until it has sent n messages."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        counts = re.findall(r" (\d+)/\d+ msgs", log.read_text())
-        if counts and int(counts[-1]) >= n:
-            return
-        assert play.poll() is None, f"player exited early: {log.read_text()}"
-        time.sleep(0.05)
-    raise AssertionError(f"player did not send {n} messages in {timeout} s: {log.read_text()}")
-
-
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_signal_mid_recording_leaves_valid_complete_bag(tmp_path, source, sig):
     rec = rs.Recorder(tmp_path / "rec", ["/image:sensor_msgs/msg/Image", "/instruction:std_msgs/msg/String"],
@@ -53,7 +40,7 @@ def test_signal_mid_recording_leaves_valid_complete_bag(tmp_path, source, sig):
             play = subprocess.Popen(rs.cli("infmllm-replay", source, "--wait-for-subscribers", "1",
                                            "--progress", "always"),
                                     env=rs.env(DOMAIN), stdout=subprocess.DEVNULL, stderr=log)
-        wait_until_sent(play_log, 15, play)  # 1.5 s of frames on the wire, 3.5 s still to come
+        rs.wait_until_sent(play_log, 15, play)  # 1.5 s of frames on the wire, 3.5 s still to come
         assert rec.stop(sig) == 0, rec.text()
         assert play.wait(60) == 0, play_log.read_text()  # the player does not care that a subscriber left
     finally:

@@ -20,10 +20,24 @@ def small(tmp_path_factory):
 
 
 @pytest.mark.parametrize("name, words", [("infmllm-replay", "--start-offset"), ("infmllm-record", "--max-messages"),
-                                         ("infmllm-make-bag", "--compressed")])
+                                         ("infmllm-record", "--reindex"), ("infmllm-make-bag", "--compressed")])
 def test_help(name, words):
     proc = rs.run(name, "--help", domain=DOMAIN)
     assert proc.returncode == 0 and words in proc.stdout and f"usage: {name}" in proc.stdout
+
+
+@pytest.mark.parametrize("args, words", [
+    ((), "give an output bag and --topics"), (("out",), "give an output bag and --topics"),
+    (("--reindex", "x", "--topics", "/a"), "--reindex BAG takes no output bag"),
+    (("--reindex", "/nonexistent/bag"), "bag not found"),
+    (("out", "--topics", "/a:std_msgs/msg/String", "--flush-interval", "0"), "--flush-interval must be"),
+    (("out", "--topics", "/a:std_msgs/msg/String", "--flush-messages", "0"), "--flush-messages")])
+def test_record_argument_errors(tmp_path, args, words):
+    proc = subprocess.run(rs.command("infmllm-record") + list(args), cwd=tmp_path, env=rs.env(DOMAIN),
+                          capture_output=True, text=True, timeout=60)
+    line = rs.one_line_error(proc, "infmllm-record")
+    assert proc.returncode == 1 and words in line, line
+    assert not (tmp_path / "out").exists()
 
 
 def test_progress_bar_and_summary(small):
