@@ -108,8 +108,8 @@ class BoundedCache(Cache):
         """Extra kwargs for `model(...)`: they reach the registered attention function of every text layer."""
         return {FORWARD_KWARG: self}
 
-    def begin_forward(self, position_ids: torch.Tensor, prefill: bool = True) -> None:
-        """Announce the next forward's positions: (q,), (1, q), (3, 1, q) / (3, q) for M-RoPE, or (4, 1, q)."""
+    def _rows(self, position_ids) -> torch.Tensor:
+        """position_ids in any accepted shape -> [rows, q] long."""
         pos = torch.as_tensor(position_ids).long()
         if pos.dim() == 3:
             pos = pos[:, 0]  # (rows, B=1, q) -> (rows, q)
@@ -120,6 +120,19 @@ class BoundedCache(Cache):
             pos = pos.expand(3, -1)  # a text/decode token: same position in t, h, w
         if pos.shape[0] != self.rows:
             raise ValueError(f"position_ids with {pos.shape[0]} rows for a model with {self.rows} position row(s)")
+        return pos
+
+    def check_positions(self, position_ids) -> None:
+        """The text model's forward must use exactly the positions begin_forward announced (else RoPE and the
+        cache's re-indexing disagree: silently wrong output). Called by the hook attention.install adds."""
+        if position_ids is None:
+            raise ValueError("BoundedCache: pass position_ids to the forward (the ones given to cache.begin_forward)")
+        if self._pending is None or not torch.equal(self._rows(position_ids).to(self._pending.device), self._pending):
+            raise ValueError("BoundedCache: the forward's position_ids differ from cache.begin_forward's")
+
+    def begin_forward(self, position_ids: torch.Tensor, prefill: bool = True) -> None:
+        """Announce the next forward's positions: (q,), (1, q), (3, 1, q) / (3, q) for M-RoPE, or (4, 1, q)."""
+        pos = self._rows(position_ids)
         q = pos.shape[1]
         if prefill and q > self.config.max_chunk:
             raise ValueError(f"prefill chunk of {q} tokens > max_chunk {self.config.max_chunk}")
@@ -138,7 +151,8 @@ class BoundedCache(Cache):
         if self._pending is None or layer.forward_id == self.forward_id or self._pending.shape[1] != q:
             raise RuntimeError(
                 "BoundedCache: call cache.begin_forward(position_ids, prefill=...) before every forward, with the "
-                f"forward's positions ({q} tokens)"
+                f"forward's positions ({q} tokens); model.generate cannot drive it: use "
+                "infmllm_ros.engine.StreamingSession"
             )
         layer.forward_id = self.forward_id
         return self._pending
