@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from infmllm_ros.kernels import rotate_keys_ref
 from transformers import LlamaConfig, Qwen2VLTextConfig
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
 from infmllm_ros.cache import BoundedCache, CacheConfig
 from infmllm_ros.cache.rope import inv_freq_from_config, mrope_section_of
-from infmllm_ros.kernels import rotate_keys_ref
 
 sys.path.insert(0, str(Path(__file__).parent))
 from cache_helpers import VOCAB, tiny_lm  # noqa: E402

@@ -1,6 +1,7 @@
 """Check of truth 3 (part 2): reindex mode after eviction == a fresh forward over just the kept tokens at their new
 positions. Exact for a 1-layer model (a token's K/V then depend only on the token and its position); for deeper
-models the layer-0 keys as attention reads them are checked against the model's own projection + rotary at the new positions."""
+models the layer-0 keys as attention reads them are checked against the model's projection + rotary at the new
+positions."""
 
 import pytest
 import torch
