@@ -3,20 +3,15 @@ reads is within 2x of the key rotated DIRECTLY at its current position (error ag
 RoPE (default, llama3, yarn) and Qwen2-VL M-RoPE, in bf16 and fp16. The old design (re-rotating stored keys by
 delta at every eviction) fails this by far; the test shows that too, so it can fail."""
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
+from cache_helpers import VOCAB, tiny_lm
 from infmllm_ros.kernels import rotate_keys_ref
 from transformers import LlamaConfig, Qwen2VLTextConfig
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
 from infmllm_ros.cache import BoundedCache, CacheConfig
 from infmllm_ros.cache.rope import inv_freq_from_config, mrope_section_of
-
-sys.path.insert(0, str(Path(__file__).parent))
-from cache_helpers import VOCAB, tiny_lm  # noqa: E402
 
 ROPES = {
     "default": {"rope_type": "default", "rope_theta": 10000.0},
