@@ -37,10 +37,23 @@ def register() -> str:
     return NAME
 
 
+def _check_positions(module, args, kwargs):
+    """Forward pre-hook on the text model: a forward through the cache must carry begin_forward's positions.
+    (Checked here, not in the attention: Qwen2-VL hands its attention no position_ids for 3-row positions.)"""
+    cache = kwargs.get(FORWARD_KWARG)
+    if cache is not None:
+        cache.check_positions(kwargs.get("position_ids"))
+
+
 def install(model) -> None:
-    """Register, then switch only the text model (a plain string would also switch the vision tower)."""
+    """Register, then switch only the text model (a plain string would also switch the vision tower), and hook
+    the text model's forward to check its positions."""
     register()
     if "text_config" in getattr(model.config, "sub_configs", {}):
         model.set_attn_implementation({"text_config": NAME})
     else:
         model.set_attn_implementation(NAME)
+    for m in model.modules():  # the text decoder stack(s): layers + a rotary embedding (vision towers differ)
+        if hasattr(m, "layers") and hasattr(m, "rotary_emb") and not getattr(m, "_infmllm_positions_hooked", False):
+            m.register_forward_pre_hook(_check_positions, with_kwargs=True)
+            m._infmllm_positions_hooked = True

@@ -8,6 +8,12 @@ checkpoint length: the median latency of the chunks just before it (forward + ev
 and the bytes of the cache's buffers. "full" never evicts, so its buffers are sized for the longest stream and its
 chunks attend to everything seen (it stops at --full-max). Policies take turns on the same chunks. Not a unit
 test: numbers depend on the machine, which is recorded.
+
+    python -m infmllm_ros.bench.cache_cost --layer-scaling --out docs/bench/cache_layer_scaling.json
+
+--layer-scaling instead times end_chunk alone (selection + re-indexing + compaction) at 4, 16 and 32 layers with
+real widths (16 query heads, head_dim 128, 2 and 8 KV heads), and counts the aten ops it dispatches. The model's
+weights play no part in end_chunk, so the cache is filled directly with random K/V and random window scores.
 """
 
 from __future__ import annotations
@@ -135,6 +141,73 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+class _OpCounter:
+    """Counts aten ops dispatched (TorchDispatchMode): what a CUDA launch count follows."""
+
+    def __enter__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        counter = self
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                counter.ops += 1
+                return func(*args, **(kwargs or {}))
+
+        self.ops, self.mode = 0, Mode()
+        self.mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.mode.__exit__(*exc)
+
+
+def layer_scaling(args, device, dtype) -> list[dict]:
+    from transformers import LlamaConfig
+
+    from infmllm_ros.cache import BoundedCache, CacheConfig
+
+    rows, g = [], torch.Generator().manual_seed(0)
+    for kv_heads in (2, 8):
+        for layers in (4, 16, 32):
+            cfg = LlamaConfig(hidden_size=2048, num_attention_heads=16, num_key_value_heads=kv_heads,
+                              num_hidden_layers=layers)  # fmt: skip
+            cache = BoundedCache(CacheConfig(policy="saddle", budget=args.budget, recent=args.recent,
+                                             window=args.window, sinks=args.sinks, max_chunk=args.chunk,
+                                             max_new_tokens=0), cfg, device, dtype)  # fmt: skip
+            k = torch.randn(1, kv_heads, args.chunk, 128, generator=g).to(device, dtype)
+            times, ops = [], 0
+            for i in range(args.budget // args.chunk + 1 + TIMED):
+                pos = (cache.next_position + torch.arange(args.chunk, device=device))[None]
+                cache.begin_forward(pos, prefill=True)
+                for layer in cache.layers:
+                    layer.update(k, k)
+                    layer.record_scores(torch.rand(kv_heads, layer.stored, generator=g).to(device), "window")
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                t = time.perf_counter()
+                if i == args.budget // args.chunk + 1:
+                    with _OpCounter() as c:
+                        cache.end_chunk()
+                    ops = c.ops
+                else:
+                    cache.end_chunk()
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                times.append(time.perf_counter() - t)
+            assert cache.evictions >= TIMED
+            timed = sorted(times[-TIMED:])
+            rows.append({"layers": layers, "kv_heads": kv_heads, "end_chunk_ms": 1e3 * timed[len(timed) // 2],
+                         "ops": ops, "stored": cache.stored})  # fmt: skip
+            print(f"  kv_heads {kv_heads}  layers {layers:2d}: end_chunk {rows[-1]['end_chunk_ms']:8.2f} ms, "
+                  f"{ops} aten ops", flush=True)  # fmt: skip
+    for r in rows:
+        base = next(b for b in rows if b["kv_heads"] == r["kv_heads"] and b["layers"] == 4)
+        r["time_ratio_to_4_layers"] = r["end_chunk_ms"] / base["end_chunk_ms"]
+        r["ops_ratio_to_4_layers"] = r["ops"] / base["ops"]
+    return rows
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--lengths", type=int, nargs="+", default=[4096, 16384, 65536, 262144])
@@ -153,9 +226,21 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: steadier on a shared machine)")
     p.add_argument("--out", default=None, help="write the results as JSON here")
+    p.add_argument("--layer-scaling", action="store_true", help="end_chunk time and op count at 4/16/32 layers")
     args = p.parse_args(argv)
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     torch.set_num_threads(args.threads)
+    if args.layer_scaling:
+        info, t = machine(), time.perf_counter()
+        print(f"machine: {info}")
+        rows = layer_scaling(args, device, dtype)
+        if args.out:
+            result = {"benchmark": "cache_layer_scaling", "machine": info, "args": vars(args),
+                      "wall_s": time.perf_counter() - t, "rows": rows}  # fmt: skip
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out).write_text(json.dumps(result, indent=2))
+            print(f"wrote {args.out}")
+        return 0
     model = tiny_llama(args.layers, args.hidden, args.heads, args.kv_heads, device, dtype)
     info = machine()
     print(f"machine: {info}")

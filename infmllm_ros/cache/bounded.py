@@ -15,10 +15,10 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import Cache
 
-from ..kernels import window_scores
+from ..kernels import compact_, window_scores
 from .config import CacheConfig
 from .layer import BoundedLayer
-from .policies import make_policy
+from .policies import Candidates, make_policy
 from .rope import head_dim_of, inv_freq_from_config, mrope_section_of, text_config_of
 
 FORWARD_KWARG = "bounded_cache"
@@ -48,13 +48,21 @@ class BoundedCache(Cache):
             free, _total = torch.cuda.mem_get_info(device)
             if need > free:
                 raise MemoryError(f"BoundedCache needs {need / 2**20:.1f} MiB of K/V buffers, {free / 2**20:.1f} free")
+        # every layer's buffers and metadata stacked [layers, H, cap, ...]: one selection and one compaction per chunk
+        cap, shape = config.capacity, (n_layers, heads, config.capacity)
         try:
-            layers = [
-                BoundedLayer(self, heads, head_dim, config.capacity, self.rows, device, dtype) for _ in range(n_layers)
-            ]
+            self.keys = torch.zeros(*shape, head_dim, device=device, dtype=dtype)
+            self.values = torch.zeros(*shape, head_dim, device=device, dtype=dtype)
         except (RuntimeError, MemoryError) as e:
             raise MemoryError(f"BoundedCache: cannot allocate {need / 2**20:.1f} MiB of K/V buffers: {e}") from e
-        super().__init__(layers=layers)
+        self.pos = torch.zeros(*shape, self.rows, device=device, dtype=torch.long)  # current position rows per slot
+        self.offset = torch.zeros(shape, device=device, dtype=torch.long)  # current - position the key was rotated at
+        self.index = torch.zeros(shape, device=device, dtype=torch.long)  # stream index per slot
+        self.chunk = torch.zeros(shape, device=device, dtype=torch.long)
+        self.window = torch.zeros(shape, device=device, dtype=torch.float32)
+        self.accumulated = torch.zeros(shape, device=device, dtype=torch.float32)
+        self.arange = torch.arange(cap, device=device)
+        super().__init__(layers=[BoundedLayer(self, i) for i in range(n_layers)])
         self.reset()
 
     # ---- sizes -------------------------------------------------------------------------------------------------
@@ -74,7 +82,7 @@ class BoundedCache(Cache):
 
     @property
     def kv_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for layer in self.layers for t in (layer.keys, layer.values))
+        return sum(t.numel() * t.element_size() for t in (self.keys, self.values))
 
     def stats(self) -> dict:
         return {
@@ -91,6 +99,7 @@ class BoundedCache(Cache):
         self.evictions = 0
         self.decoded = 0  # tokens decoded since the last prefill
         self.forward_id = -1
+        self.turned = False  # some stored key's offset is non-zero: attention reads them rotated
         self.prefill = False
         self._pending = None
 
@@ -99,8 +108,8 @@ class BoundedCache(Cache):
         """Extra kwargs for `model(...)`: they reach the registered attention function of every text layer."""
         return {FORWARD_KWARG: self}
 
-    def begin_forward(self, position_ids: torch.Tensor, prefill: bool = True) -> None:
-        """Announce the next forward's positions: (q,), (1, q), (3, 1, q) / (3, q) for M-RoPE, or (4, 1, q)."""
+    def _rows(self, position_ids) -> torch.Tensor:
+        """position_ids in any accepted shape -> [rows, q] long."""
         pos = torch.as_tensor(position_ids).long()
         if pos.dim() == 3:
             pos = pos[:, 0]  # (rows, B=1, q) -> (rows, q)
@@ -111,6 +120,19 @@ class BoundedCache(Cache):
             pos = pos.expand(3, -1)  # a text/decode token: same position in t, h, w
         if pos.shape[0] != self.rows:
             raise ValueError(f"position_ids with {pos.shape[0]} rows for a model with {self.rows} position row(s)")
+        return pos
+
+    def check_positions(self, position_ids) -> None:
+        """The text model's forward must use exactly the positions begin_forward announced (else RoPE and the
+        cache's re-indexing disagree: silently wrong output). Called by the hook attention.install adds."""
+        if position_ids is None:
+            raise ValueError("BoundedCache: pass position_ids to the forward (the ones given to cache.begin_forward)")
+        if self._pending is None or not torch.equal(self._rows(position_ids).to(self._pending.device), self._pending):
+            raise ValueError("BoundedCache: the forward's position_ids differ from cache.begin_forward's")
+
+    def begin_forward(self, position_ids: torch.Tensor, prefill: bool = True) -> None:
+        """Announce the next forward's positions: (q,), (1, q), (3, 1, q) / (3, q) for M-RoPE, or (4, 1, q)."""
+        pos = self._rows(position_ids)
         q = pos.shape[1]
         if prefill and q > self.config.max_chunk:
             raise ValueError(f"prefill chunk of {q} tokens > max_chunk {self.config.max_chunk}")
@@ -129,7 +151,8 @@ class BoundedCache(Cache):
         if self._pending is None or layer.forward_id == self.forward_id or self._pending.shape[1] != q:
             raise RuntimeError(
                 "BoundedCache: call cache.begin_forward(position_ids, prefill=...) before every forward, with the "
-                f"forward's positions ({q} tokens)"
+                f"forward's positions ({q} tokens); model.generate cannot drive it: use "
+                "infmllm_ros.engine.StreamingSession"
             )
         layer.forward_id = self.forward_id
         return self._pending
@@ -148,47 +171,59 @@ class BoundedCache(Cache):
 
     # ---- eviction ------------------------------------------------------------------------------------------------
     def end_chunk(self) -> None:
-        """After a prefill chunk's forward: evict to the budget (same count in every layer), then re-index."""
-        candidates = [layer.candidates(self.chunks) for layer in self.layers]
-        if self.policy.scores != "none" and any(la.scored != la.stored for la in self.layers):
+        """After a prefill chunk's forward: evict to the budget (same count in every layer), then re-index.
+        One selection over the stacked [layers, H, stored] metadata, one compaction of every layer, one host sync."""
+        n = self.stored
+        if self.policy.scores != "none" and any(la.scored != n for la in self.layers):
             raise RuntimeError(
                 f"policy {self.config.policy!r} has no attention scores for this chunk: install the attention "
                 "(infmllm_ros.attention.install(model)) and pass **cache.forward_kwargs() to the forward"
             )
-        keeps = [self.policy.keep(c) for c in candidates]
-        if all(k is None for k in keeps):
+        c = Candidates(self.window[..., :n], self.accumulated[..., :n], self.index[..., :n], self.chunk[..., :n],
+                       self.chunks)  # fmt: skip
+        keep = self.policy.keep(c)  # [layers, H, m] or None
+        if keep is None:
             return
-        reindex = self.config.positions == "reindex"
-        plans = [self._reindex(layer, keep) if reindex else torch.zeros_like(keep) for layer, keep in
-                 zip(self.layers, keeps, strict=True)]  # fmt: skip
-        if reindex:  # right-align every (layer, head) on the newest kept token
-            ends = [self.next_position - freed for _delta, freed in plans]
-            end = max(int(e.max()) for e in ends)
-            plans = [delta + (end - e)[:, None] for (delta, _f), e in zip(plans, ends, strict=True)]
-            self.next_position = end
-        for layer, keep, delta in zip(self.layers, keeps, plans, strict=True):
-            layer.compact(keep, delta, self.inv_freq if reindex else None)
+        n_layers, heads, m = keep.shape
+        rows = n_layers * heads
+        keep = keep.reshape(rows, m)
+        if self.config.positions == "reindex":
+            delta, end = self._reindex(keep)
+            self.next_position = int(end)  # the one host sync of an eviction
+            self.turned = True
+        else:
+            delta = torch.zeros_like(keep)
+        compact_(self.keys.view(rows, self.config.capacity, -1), self.values.view(rows, self.config.capacity, -1),
+                 keep)  # fmt: skip
+        pos = self.pos.view(rows, self.config.capacity, self.rows)
+        pos[:, :m] = pos.gather(1, keep[..., None].expand(-1, -1, self.rows)) + delta[..., None]
+        offset = self.offset.view(rows, -1)
+        offset[:, :m] = offset.gather(1, keep) + delta
+        for meta in (self.index, self.chunk, self.window, self.accumulated):
+            flat = meta.view(rows, -1)
+            flat[:, :m] = flat.gather(1, keep)
+        for layer in self.layers:
+            layer.stored = layer.scored = m
         self.evictions += 1
 
-    def _reindex(self, layer: BoundedLayer, keep: torch.Tensor):
-        """Squeeze out positions only evicted tokens covered. Each token spans [min row, max row] of its positions;
-        a position is freed when an evicted token covered it and no kept token does. Returns (delta [H, m] for the
-        kept tokens, freed count [H])."""
-        heads, n, end = keep.shape[0], layer.stored, self.next_position
-        pos = layer.pos[:, :n]
-        lo, hi = pos.min(-1).values, pos.max(-1).values  # [H, n]
-        kept = torch.zeros(heads, n, dtype=torch.bool, device=pos.device).scatter_(1, keep, True)
-
-        def covered(mask):
-            marks = torch.zeros(heads, end + 1, dtype=torch.long, device=pos.device)
-            marks.scatter_add_(1, lo, mask.long())
-            marks.scatter_add_(1, hi + 1, -mask.long())
-            return marks.cumsum(-1)[:, :end] > 0
-
-        freed = covered(~kept) & ~covered(kept)
-        shift = torch.cumsum(freed.long(), -1) - freed.long()  # freed positions before p
-        delta = -shift.gather(1, lo.gather(1, keep))
-        return delta, freed.sum(-1)
+    def _reindex(self, keep: torch.Tensor):
+        """Squeeze out every position no kept token covers. Each token spans [min row, max row] of its positions; a
+        position is freed when no kept token of that (layer, head) covers it (evicted tokens' positions, and gaps
+        left by earlier alignment), then every (layer, head) is right-aligned on the newest kept token.
+        keep [R, m] over R = layers x heads rows. Returns (delta [R, m] for the kept tokens, new next_position as a
+        0-d tensor)."""
+        rows, n, end = keep.shape[0], self.stored, self.next_position
+        pos = self.pos.view(rows, self.config.capacity, self.rows)[:, :n]
+        lo, hi = pos.min(-1).values.gather(1, keep), pos.max(-1).values.gather(1, keep)  # [R, m] kept spans
+        marks = torch.zeros(rows, end + 1, dtype=torch.long, device=pos.device)
+        marks.scatter_add_(1, lo, torch.ones_like(lo))
+        marks.scatter_add_(1, hi + 1, -torch.ones_like(hi))
+        used = marks.cumsum(-1)[:, :end] > 0  # [R, end] positions covered by a kept token
+        shift = torch.cumsum(~used, -1) - (~used).long()  # freed positions before p
+        delta = -shift.gather(1, lo)
+        ends = used.sum(-1)  # [R] each row's new next position
+        top = ends.max()
+        return delta + (top - ends)[:, None], top
 
     def kept_positions(self, row: int = 0) -> torch.Tensor:
         """[layers, H, stored] positions (one row) of the stored tokens; in absolute mode, their stream positions."""

@@ -1,17 +1,18 @@
-"""One layer of the bounded cache: static K/V buffers allocated once, plus per-slot metadata.
+"""One layer of the bounded cache: views into the cache's stacked static buffers (allocated once).
 
 Slots 0..stored-1 hold the kept tokens in temporal order (per KV head: heads may keep different tokens, always the
 same count). `seen` counts every token ever fed. transformers reads `get_seq_length()` (= seen) for its query
 offset and `get_mask_sizes(q)` = (stored + q, seen - stored), which places every stored token before the queries.
+
+Keys stay as the model rotated them (at the token's original position); `offset` = current - original position.
+`update` hands attention the keys turned by offset (rotate-on-read): one rotation from the model's own key.
 """
 
 from __future__ import annotations
 
-import torch
 from transformers.cache_utils import CacheLayerMixin
 
-from ..kernels import compact_rerotate_
-from .policies import Candidates
+from ..kernels import rotate_keys
 
 
 class BoundedLayer(CacheLayerMixin):
@@ -19,18 +20,16 @@ class BoundedLayer(CacheLayerMixin):
     is_croppable = False  # evicted tokens cannot come back
     is_sliding = False
 
-    def __init__(self, owner, heads: int, head_dim: int, capacity: int, rows: int, device, dtype):
+    def __init__(self, owner, idx: int):
         super().__init__()
-        self.owner = owner  # the BoundedCache: positions and chunk number of the current forward
-        self.capacity = capacity
-        self.keys = torch.zeros(1, heads, capacity, head_dim, device=device, dtype=dtype)
-        self.values = torch.zeros(1, heads, capacity, head_dim, device=device, dtype=dtype)
-        self.pos = torch.zeros(heads, capacity, rows, device=device, dtype=torch.long)  # position rows per slot
-        self.index = torch.zeros(heads, capacity, device=device, dtype=torch.long)  # stream index per slot
-        self.chunk = torch.zeros(heads, capacity, device=device, dtype=torch.long)
-        self.window = torch.zeros(heads, capacity, device=device, dtype=torch.float32)
-        self.accumulated = torch.zeros(heads, capacity, device=device, dtype=torch.float32)
-        self.device, self.dtype = device, dtype
+        self.owner = owner  # the BoundedCache: stacked buffers, positions and chunk number of the current forward
+        self.idx = idx
+        self.capacity = owner.config.capacity
+        self.keys = owner.keys[idx : idx + 1]  # [1, H, cap, D]
+        self.values = owner.values[idx : idx + 1]
+        for name in ("pos", "offset", "index", "chunk", "window", "accumulated"):
+            setattr(self, name, getattr(owner, name)[idx])  # [H, cap] ([H, cap, rows] for pos)
+        self.device, self.dtype = owner.keys.device, owner.keys.dtype
         self.is_initialized = True
         self.stored = self.seen = self.scored = 0
         self.forward_id = -1
@@ -38,8 +37,9 @@ class BoundedLayer(CacheLayerMixin):
     def lazy_initialization(self, key_states, value_states) -> None:
         pass  # allocated up front: memory is known at start-up
 
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        """Append the forward's K/V (already rotated) and return every stored + new slot (what the mask announced)."""
+    def update(self, key_states, value_states, *args, **kwargs):
+        """Append the forward's K/V (rotated by the model) and return every stored + new slot (what the mask
+        announced), keys turned to their current positions."""
         q, s = key_states.shape[-2], self.stored
         pos = self.owner.pending_positions(self, q)  # [rows, q]
         if key_states.shape[0] != 1:
@@ -50,17 +50,27 @@ class BoundedLayer(CacheLayerMixin):
                 f"(budget + max_chunk + max_new_tokens); call end_chunk() after every prefill chunk, "
                 f"or raise max_chunk / max_new_tokens (policy {self.owner.config.policy!r})"
             )
-        self.keys[:, :, s : s + q] = key_states
-        self.values[:, :, s : s + q] = value_states
-        self.pos[:, s : s + q] = pos.T.to(self.pos.device)
-        self.index[:, s : s + q] = self.seen + torch.arange(q, device=self.index.device)
-        self.chunk[:, s : s + q] = self.owner.chunks
-        self.window[:, s : s + q] = 0
-        self.accumulated[:, s : s + q] = 0
-        self.stored, self.seen = s + q, self.seen + q
-        return self.keys[:, :, : s + q], self.values[:, :, : s + q]
+        n = s + q
+        self.keys[:, :, s:n] = key_states
+        self.values[:, :, s:n] = value_states
+        self.pos[:, s:n] = pos.T.to(self.pos.device)
+        self.offset[:, s:n] = 0
+        self.index[:, s:n] = self.seen + self.owner.arange[:q]
+        self.chunk[:, s:n] = self.owner.chunks
+        self.window[:, s:n] = 0
+        self.accumulated[:, s:n] = 0
+        self.stored, self.seen = n, self.seen + q
+        keys = self.keys[:, :, :n]
+        if self.owner.turned:  # some kept key sits at a position other than the one it was rotated at
+            keys = rotate_keys(keys[0], self.offset[:, :n], self.owner.inv_freq)[None]
+        return keys, self.values[:, :, :n]
 
-    def record_scores(self, scores: torch.Tensor, mode: str) -> None:
+    def current_keys(self):
+        """[H, stored, D] the keys as attention reads them (rotated at their current positions)."""
+        n = self.stored
+        return rotate_keys(self.keys[0, :, :n], self.offset[:, :n], self.owner.inv_freq)
+
+    def record_scores(self, scores, mode: str) -> None:
         """Scores [H, n] of this forward's attention (n = stored); "window" replaces, "every_step" accumulates."""
         n = scores.shape[-1]
         if mode == "window":
@@ -68,19 +78,6 @@ class BoundedLayer(CacheLayerMixin):
         else:
             self.accumulated[:, :n] += scores
         self.scored = n
-
-    def candidates(self, chunk_now: int) -> Candidates:
-        n = self.stored
-        return Candidates(self.window[:, :n], self.accumulated[:, :n], self.index[:, :n], self.chunk[:, :n], chunk_now)
-
-    def compact(self, keep: torch.Tensor, delta: torch.Tensor, inv_freq: torch.Tensor | None) -> None:
-        """Move kept slots [H, m] to the front; turn their keys by delta [H, m] (inv_freq None: no turn)."""
-        m = keep.shape[1]
-        compact_rerotate_(self.keys[0], self.values[0], keep, delta, inv_freq)
-        self.pos[:, :m] = self.pos.gather(1, keep[..., None].expand(-1, -1, self.pos.shape[-1])) + delta[..., None]
-        for meta in (self.index, self.chunk, self.window, self.accumulated):
-            meta[:, :m] = meta.gather(1, keep)
-        self.stored = self.scored = m
 
     def get_seq_length(self) -> int:
         return self.seen

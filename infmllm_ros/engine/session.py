@@ -17,10 +17,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from infmllm_ros.engine import frames, kv, loading, memory
+from infmllm_ros import attention
+from infmllm_ros.cache import BoundedCache, CacheConfig
+from infmllm_ros.engine import frames, loading, memory
 from infmllm_ros.engine.adapters import Chunk, adapter_for
 from infmllm_ros.engine.errors import CacheFullError, InvalidFrameError, InvalidInstructionError
-from infmllm_ros.engine.kv import CacheConfig
 from infmllm_ros.engine.sampling import choose, mask_logits
 
 log = logging.getLogger(__name__)
@@ -66,12 +67,11 @@ class StreamingSession:
         self.model, self.processor = model.eval(), processor
         self.adapter = adapter_for(model, processor)
         self.tokenizer = processor.tokenizer
-        cache_cls = kv.cache_class()
-        self.kv_bytes = int(cache_cls.kv_bytes_for(self.cfg, model.config, self.dtype))
+        self.kv_bytes = int(BoundedCache.kv_bytes_for(self.cfg, model.config, self.dtype))
         if check_memory:  # weights are resident already; the KV buffers must still fit
             memory.check_fits(self.kv_bytes, self.device, "KV cache buffers", memory_headroom)
-        kv.install_attention(model)
-        self.cache = cache_cls(self.cfg, model.config, self.device, self.dtype)
+        attention.install(model)
+        self.cache = BoundedCache(self.cfg, model.config, self.device, self.dtype)
         lo, hi = self.adapter.frame_bounds()
         self.frame_min_side, self.frame_max_side = frame_min_side or lo, frame_max_side or hi
         self.system_prompt, self.seed, self.trace = system_prompt, seed, trace
@@ -95,7 +95,7 @@ class StreamingSession:
             n_params = memory.weight_params(path)
             if n_params is not None:
                 elem = torch.empty((), dtype=dtype).element_size()
-                need = n_params * elem + kv.cache_class().kv_bytes_for(cfg, AutoConfig.from_pretrained(path), dtype)
+                need = n_params * elem + BoundedCache.kv_bytes_for(cfg, AutoConfig.from_pretrained(path), dtype)
                 memory.check_fits(need, device, "weights + KV cache buffers", memory_headroom)
         model, processor = loading.load(path, device=device, dtype=dtype)
         return cls(model, processor, cache=cfg, device=device, dtype=dtype, check_memory=check_memory,
@@ -111,8 +111,8 @@ class StreamingSession:
             raise InvalidFrameError(f"stamp must be a finite number of seconds, got {stamp!r}")
         img = frames.fit(frames.to_rgb(frame), self.frame_min_side, self.frame_max_side)
         # why relative: header stamps are epoch seconds; "t=1764150000.1s" costs tokens and means nothing to a model
-        t0 = self.counters.first_stamp if self.counters.first_stamp is not None else float(stamp)
-        chunk = self.adapter.encode_images(self.adapter.frame_text(float(stamp) - t0), [img])
+        origin = self.counters.first_stamp if self.counters.first_stamp is not None else float(stamp)
+        chunk = self.adapter.encode_images(self.adapter.frame_text(float(stamp) - origin), [img])
         if chunk.length > self.cfg.max_chunk:
             raise InvalidFrameError(
                 f"one frame is {chunk.length} tokens > cache max_chunk {self.cfg.max_chunk}; raise "
@@ -121,7 +121,7 @@ class StreamingSession:
             self._flush_pending()
         self._prefill(self._with_pending(chunk))
         c = self.counters
-        c.first_stamp = t0
+        c.first_stamp = origin
         c.frames_seen += 1
         c.last_stamp = float(stamp)
         c.last_frame_tokens = chunk.length

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from infmllm_ros.kernels import compact_rerotate_ref, window_counts, window_scores_ref
+from infmllm_ros.kernels import compact_ref, rotate_keys_ref, window_counts, window_scores_ref
 
 
 def test_triton_kernels_match_references_in_the_interpreter():
@@ -37,14 +37,19 @@ def test_window_scores_reference_by_loops():
     assert window_counts(w, n, "cpu").tolist() == [3, 3, 3, 3, 3, 2, 1]
 
 
-def test_compact_reference_moves_and_turns():
+def test_compact_reference_moves():
     k = torch.arange(2 * 6 * 4, dtype=torch.float32).view(2, 6, 4)
     v = -k.clone()
     keep = torch.tensor([[1, 4], [0, 5]])
     k0 = k.clone()
-    compact_rerotate_ref(k, v, keep, torch.zeros(2, 2, dtype=torch.long), torch.ones(2))
+    compact_ref(k, v, keep)
     assert torch.equal(k[0, :2], k0[0, [1, 4]]) and torch.equal(k[1, :2], k0[1, [0, 5]])
     assert torch.equal(v[1, :2], -k0[1, [0, 5]])
-    x = torch.tensor([[[1.0, 0.0, 0.0, 0.0]]])
-    compact_rerotate_ref(x, x.clone(), torch.tensor([[0]]), torch.tensor([[1]]), torch.tensor([torch.pi / 2, 0.0]))
-    assert torch.allclose(x, torch.tensor([[[0.0, 0.0, 1.0, 0.0]]]), atol=1e-6)  # (x1, x2) turned by 90 degrees
+    assert torch.equal(k[:, 2:], k0[:, 2:])  # slots past the kept ones untouched
+
+
+def test_rotate_reference_turns():
+    x = torch.tensor([[[1.0, 0.0, 0.0, 0.0, 5.0], [1.0, 0.0, 0.0, 0.0, 5.0]]])  # 2 rotary pairs + 1 pass-through dim
+    got = rotate_keys_ref(x, torch.tensor([[1, 0]]), torch.tensor([torch.pi / 2, 0.0]))
+    assert torch.allclose(got[0, 0], torch.tensor([0.0, 0.0, 1.0, 0.0, 5.0]), atol=1e-6)  # (x1, x2) turned 90 deg
+    assert torch.equal(got[0, 1], x[0, 1])  # delta 0: untouched, bit for bit

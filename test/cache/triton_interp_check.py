@@ -7,8 +7,9 @@ import sys
 os.environ["TRITON_INTERPRET"] = "1"
 
 import torch  # noqa: E402
-from infmllm_ros.kernels import compact_rerotate_ref, window_scores_ref  # noqa: E402
-from infmllm_ros.kernels.compact_triton import compact_rerotate_triton  # noqa: E402
+from infmllm_ros.kernels import compact_ref, rotate_keys_ref, window_scores_ref  # noqa: E402
+from infmllm_ros.kernels.compact_triton import compact_triton  # noqa: E402
+from infmllm_ros.kernels.rotate_triton import rotate_keys_triton  # noqa: E402
 from infmllm_ros.kernels.window_scores_triton import window_scores_triton  # noqa: E402
 
 
@@ -30,23 +31,34 @@ def check_window_scores():
 
 
 def check_compact():
-    for h, cap, d, f, m in [(2, 50, 16, 8, 23), (3, 40, 12, 4, 40), (1, 70, 8, 0, 33), (2, 90, 16, 6, 65)]:
+    for h, cap, d, m in [(2, 50, 16, 23), (3, 40, 12, 40), (1, 70, 8, 33), (8, 90, 16, 65)]:  # h: layers x heads
         k, v = torch.randn(h, cap, d), torch.randn(h, cap, d)
         keep = torch.stack([torch.randperm(cap)[:m].sort().values for _ in range(h)])
-        delta = -torch.randint(0, 1000, (h, m))
-        inv = None if f == 0 else 1 / (10000 ** (torch.arange(0, 2 * f, 2).float() / (2 * f)))
         k1, v1, k2, v2 = k.clone(), v.clone(), k.clone(), v.clone()
-        compact_rerotate_ref(k1, v1, keep, delta, inv)
-        compact_rerotate_triton(k2, v2, keep, delta, inv)
-        err = max((k1 - k2).abs().max().item(), (v1 - v2).abs().max().item())
-        print(f"compact H={h} cap={cap} D={d} rotary={2 * f} m={m}: max err {err:.2e}")
-        assert err < 1e-5, err
+        compact_ref(k1, v1, keep)
+        compact_triton(k2, v2, keep)
+        assert torch.equal(k1, k2) and torch.equal(v1, v2)  # a pure move: bit for bit
         assert torch.equal(k1[:, m:], k[:, m:])  # slots past the kept ones are untouched
+        print(f"compact H={h} cap={cap} D={d} m={m}: equal")
+
+
+def check_rotate():
+    for h, n, d, f, dtype in [(2, 37, 16, 8, torch.float32), (3, 70, 12, 4, torch.float32),
+                              (2, 45, 16, 8, torch.bfloat16), (1, 33, 16, 6, torch.float16)]:  # fmt: skip
+        k = torch.randn(h, 2 * n, d).to(dtype)[:, ::2]  # non-contiguous, as a buffer slice can be
+        delta = -torch.randint(0, 1000, (h, n))
+        inv = 1 / (10000 ** (torch.arange(0, 2 * f, 2).float() / (2 * f)))
+        want, got = rotate_keys_ref(k, delta, inv), rotate_keys_triton(k, delta, inv)
+        err = (want.float() - got.float()).abs().max().item()
+        tol = 1e-5 if dtype == torch.float32 else 2e-2  # at most one rounding step apart in 16-bit dtypes
+        print(f"rotate H={h} n={n} D={d} rotary={2 * f} {dtype}: max err {err:.2e}")
+        assert err < tol, err
 
 
 if __name__ == "__main__":
     torch.manual_seed(0)
     check_window_scores()
     check_compact()
+    check_rotate()
     print("ok")
     sys.exit(0)

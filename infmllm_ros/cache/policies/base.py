@@ -45,7 +45,7 @@ def select(score: torch.Tensor, c: Candidates, budget: int, recent: int, sinks: 
     n = c.n
     s = score.float().clone()
     protected = c.index < sinks
-    protected[:, max(n - recent, 0) :] = True
+    protected[..., max(n - recent, 0) :] = True
     s[protected] = float("inf")
     return s.topk(budget, dim=-1).indices.sort(dim=-1).values
 
