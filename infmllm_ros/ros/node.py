@@ -77,7 +77,7 @@ PARAMS: dict[str, object] = {
     "cache.policy": "saddle",
     "cache.budget": 512,
     "cache.recent": 64,
-    "cache.window": 32,
+    "cache.window": 0,
     "cache.sinks": 0,
     "cache.bias": "linear",
     "cache.bias_strength": 1.0,
