@@ -9,7 +9,7 @@ column sum (H2O's per-step contribution).
 Memory: the window can be the whole chunk (hundreds of image tokens) and N the whole cache, so the W x N logits are
 never materialized: pass 1 runs a log-sum-exp per query row over key blocks, pass 2 sums exp(s - lse) per key block.
 The largest temporary is [B, H_q, W, block] fp32 (`block_for` keeps it near SCORE_ELEMENTS); with a single block
-the logits of pass 1 are reused (one QK^T, as the dense formula).
+it is one QK^T and a softmax, as the dense formula.
 """
 
 from __future__ import annotations
@@ -43,15 +43,16 @@ def window_scores_ref(query: torch.Tensor, key: torch.Tensor, scaling: float, no
         return s
 
     starts = range(0, n, block)
-    first = logits(0)
-    lse = first.logsumexp(-1)  # key 0 is visible to every row: finite from the first block on
-    for start in starts[1:]:
-        lse = torch.logaddexp(lse, logits(start).logsumexp(-1))
-    col = torch.empty(b, hkv, n, device=query.device, dtype=torch.float32)
-    for start in starts:
-        s = first if start == 0 else logits(start)
-        p = (s - lse[..., None]).exp_()
-        col[:, :, start : start + s.shape[-1]] = p.sum(-2) / g
+    if len(starts) == 1:  # small enough for one block: one QK^T, a plain softmax
+        col = logits(0).softmax(-1).sum(-2) / g
+    else:
+        lse = logits(0).logsumexp(-1)  # key 0 is visible to every row: finite from the first block on
+        for start in starts[1:]:
+            lse = torch.logaddexp(lse, logits(start).logsumexp(-1))
+        col = torch.empty(b, hkv, n, device=query.device, dtype=torch.float32)
+        for start in starts:
+            s = logits(start)
+            col[:, :, start : start + s.shape[-1]] = (s - lse[..., None]).exp_().sum(-2) / g
     if normalize:
         col = col / window_counts(w, n, query.device)
     return col
