@@ -1,0 +1,44 @@
+"""The prepared GPU script at toy size on CPU: every part runs, the json says what the GPU run will say, the kernel
+check can fail, and without CUDA the default run skips with a message (nothing written)."""
+
+import json
+
+import torch
+
+from infmllm_ros.bench import gpu_check
+
+
+def test_tiny_cpu_run_writes_every_part(tmp_path):
+    out = tmp_path / "gpu_check.json"
+    assert gpu_check.main(["--tiny", "--device", "cpu", "--tokens", "512", "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert res["ok"] and res["tiny"] and res["device"] == "cpu"
+    kinds = {(r["kernel"], r["dtype"]) for r in res["kernels"]}
+    assert kinds == {(k, d) for k in ("window_scores", "compact_rerotate") for d in gpu_check.DTYPES}
+    assert all(r["ok"] for r in res["kernels"])
+    s = res["stream"]
+    assert [p["tokens"] for p in s["points"]] == [256, 512]
+    assert all(p["stored"] <= s["cache"]["budget"] and p["finite"] for p in s["points"])
+    assert s["points"][-1]["evictions"] >= 2 and s["cache"]["window"] == 0
+    d = s["decode"]
+    assert d["median_step_s"] > 0 and d["copy_bandwidth_bytes_per_s"] > 0
+    assert d["weight_bytes"] == 4 * s["model"]["parameters"]  # fp32 on CPU
+    assert d["bandwidth_bound_s"] == (d["weight_bytes"] + d["kept_kv_bytes"]) / d["copy_bandwidth_bytes_per_s"]
+
+
+def test_kernel_check_catches_a_wrong_kernel(monkeypatch):
+    import infmllm_ros.kernels as kernels
+
+    good = kernels.window_scores
+    monkeypatch.setattr(kernels, "window_scores", lambda q, k, s, normalize=True: good(q, k, s, normalize) * 1.001)
+    rows = gpu_check.check_kernels(torch.device("cpu"), gpu_check.TINY, ("float32",))
+    assert not any(r["ok"] for r in rows if r["kernel"] == "window_scores")
+    assert all(r["ok"] for r in rows if r["kernel"] == "compact_rerotate")
+
+
+def test_skips_cleanly_without_cuda(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    out = tmp_path / "gpu_check.json"
+    assert gpu_check.main(["--out", str(out)]) == 0
+    assert "skipped, no CUDA device" in capsys.readouterr().out
+    assert not out.exists()
