@@ -244,9 +244,10 @@ def main(argv=None) -> int:
                                                                 else torch.float32)  # fmt: skip
     t0 = time.perf_counter()
     m = common.machine()
-    res = dict(kind="gpu_check", device=str(device), device_name=torch.cuda.get_device_name(device)
-               if device.type == "cuda" else "cpu", tiny=a.tiny, dtype=str(dtype).replace("torch.", ""),
-               machine=m, commit=common.git_commit(), command=common.command_line(["gpu-check", *(argv or [])]))  # fmt: skip
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    res = dict(kind="gpu_check", device=str(device), device_name=name, tiny=a.tiny,
+               dtype=str(dtype).replace("torch.", ""), machine=m, commit=common.git_commit(),
+               command=common.command_line(["gpu-check", *(argv or [])]))
     res["kernels"] = check_kernels(device, shapes)
     for r in res["kernels"]:
         print(f"  {r['kernel']} {r['impl']} {r['dtype']}: max err {r['max_abs_err']:.2e} ok={r['ok']}")
