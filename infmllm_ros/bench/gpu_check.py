@@ -230,7 +230,8 @@ def parse(argv):
 
 
 def main(argv=None) -> int:
-    a = parse(sys.argv[1:] if argv is None else list(argv))
+    argv = sys.argv[1:] if argv is None else list(argv)
+    a = parse(argv)
     device = torch.device(a.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         print("gpu-check: skipped, no CUDA device here (run it on a GPU machine; `--tiny --device cpu` is the "
@@ -247,7 +248,7 @@ def main(argv=None) -> int:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     res = dict(kind="gpu_check", device=str(device), device_name=name, tiny=a.tiny,
                dtype=str(dtype).replace("torch.", ""), machine=m, commit=common.git_commit(),
-               command=common.command_line(["gpu-check", *(argv or [])]))
+               command=common.command_line(["gpu-check", *argv]))
     res["kernels"] = check_kernels(device, shapes)
     for r in res["kernels"]:
         print(f"  {r['kernel']} {r['impl']} {r['dtype']}: max err {r['max_abs_err']:.2e} ok={r['ok']}")
