@@ -24,6 +24,9 @@ def test_tiny_cpu_run_writes_every_part(tmp_path):
     assert d["median_step_s"] > 0 and d["copy_bandwidth_bytes_per_s"] > 0
     assert d["weight_bytes"] == 4 * s["model"]["parameters"]  # fp32 on CPU
     assert d["bandwidth_bound_s"] == (d["weight_bytes"] + d["kept_kv_bytes"]) / d["copy_bandwidth_bytes_per_s"]
+    md = gpu_check.markdown(res)  # what docs/BENCHMARKS.md will show once the GPU run's json is in docs/bench
+    assert md.count("| window_scores |") == 9 and "| 512 |" in md and "of the bound" in md
+    assert "all within tolerance" in gpu_check.findings("g.json", res)[0]
 
 
 def test_kernel_check_catches_a_wrong_kernel(monkeypatch):
