@@ -119,8 +119,14 @@ def render(results: list[tuple[Path, dict]], output: Path) -> str:
 
 
 def _reproduce(results) -> list[str]:
-    cmds = SETUP + [r["command"] for _, r in results] + ["infmllm-bench report"]
+    cmds = SETUP + [_command(r) for _, r in results] + ["infmllm-bench report"]
     return ["```bash", *cmds, "```"]
+
+
+def _command(res: dict) -> str:
+    # results from before the --window option ran the saddle with the last 32 queries (now the default is 0)
+    old_window = res["kind"] in ("text_ppl", "recall") and "retrieval_window" not in res
+    return res["command"] + (" --window 32" if old_window else "")
 
 
 def _rel(path: Path, output: Path) -> str:
