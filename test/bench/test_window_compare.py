@@ -30,7 +30,7 @@ def test_summary_side_by_side():
     assert res["text"]["by_window"]["32"]["64"]["saddle[none,0]"]["ratio"] == 1.05
     assert res["recall"]["by_window"]["32"]["saddle[none,0]"]["all"] == 0.55
     md = window_compare.markdown(res)
-    assert "| saddle[none,0] | 1.02 | 1.05 |" in md
+    assert "| saddle[none,0] | 1.0200 | 1.0500 |" in md
     assert "| saddle[none,0] | 60.0 % (10) | 55.0 % (10) | 30.0 % (4) | 27.5 % (4) |" in md
     f = window_compare.findings("w.json", res)
     assert "x1.0200" in f[0] and "x1.0500" in f[0] and "60.0 vs 55.0 %" in f[1]
