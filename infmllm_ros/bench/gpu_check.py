@@ -60,7 +60,7 @@ def rotate_fp64(x, delta, inv_freq):
 
 
 def check_kernels(device, shapes, dtypes=DTYPES) -> list[dict]:
-    from infmllm_ros.kernels import compact_rerotate_, compact_rerotate_ref, window_scores, window_scores_ref
+    from infmllm_ros.kernels import window_scores, window_scores_ref
     from infmllm_ros.kernels.window_scores import _triton_ok
 
     impl = "triton" if device.type == "cuda" and _triton_ok() else "torch"
@@ -80,25 +80,46 @@ def check_kernels(device, shapes, dtypes=DTYPES) -> list[dict]:
             rows.append(dict(kernel="window_scores", impl=impl, dtype=name, window=w, normalize=normalize,
                              stored=n, max_abs_err=err, max_abs_err_vs_torch_ref=err_ref, scale=scale,
                              ok=err <= 1e-5 * max(scale, 1.0)))  # fmt: skip
-        cap, m = n, n // 2  # compaction: half of 8K slots kept, re-rotated by deltas up to -4096
-        kk = torch.randn(hkv, cap, d, device=device, generator=g).to(dt)
-        vv = torch.randn(hkv, cap, d, device=device, generator=g).to(dt)
-        keep = torch.stack([torch.randperm(cap, device=device, generator=g)[:m].sort().values for _ in range(hkv)])
-        delta = -torch.randint(0, cap // 2, (hkv, m), device=device, generator=g)
-        inv = 1.0 / (1e6 ** (torch.arange(0, d, 2, device=device).float() / d))
-        k2, v2, k3, v3 = kk.clone(), vv.clone(), kk.clone(), vv.clone()
-        compact_rerotate_(k2, v2, keep, delta, inv)
-        compact_rerotate_ref(k3, v3, keep, delta, inv)
-        idx = keep[..., None].expand(-1, -1, d)
-        want_k = rotate_fp64(kk.gather(1, idx), delta, inv)
-        bound = 2 * torch.finfo(dt).eps * want_k.abs().max().item() + 1e-6  # one rounding to the dtype
-        err_ref = (k2[:, :m].double() - k3[:, :m].double()).abs().max().item()
-        values = bool(torch.equal(v2[:, :m], vv.gather(1, idx)))
-        # ok: kernel == its torch reference to one rounding. The fp64 error is reported, not judged: both compute
-        # the angle delta * inv_freq in fp32, which at |delta| ~ 4K is off by ~1e-4 rad (issue 12, item 1).
-        rows.append(dict(kernel="compact_rerotate", impl=impl, dtype=name, kept=m, slots=cap, max_abs_err=err_ref,
-                         max_abs_err_vs_fp64=(k2[:, :m].double() - want_k).abs().max().item(), one_rounding=bound,
-                         values_moved_exactly=values, ok=err_ref <= bound and values))  # fmt: skip
+        rows += check_moves(device, dt, name, shapes, g, impl)
+    return rows
+
+
+def check_moves(device, dt, name: str, shapes: dict, g, impl: str) -> list[dict]:
+    """Compaction and key rotation: half of the slots kept and moved to the front, keys turned by delta = new - old
+    position (up to -stored/2). ok: the kernel equals its torch reference to one rounding of the dtype and moves
+    values exactly. The fp64 error is reported, not judged: kernel and reference both take the angle
+    delta * inv_freq in fp32, which at |delta| ~ 4K is off by ~1e-4 rad."""
+    from infmllm_ros import kernels
+
+    on_read = hasattr(kernels, "rotate_keys")  # rotate-on-read API: moves only, rotation when keys are read
+    hkv, d, cap = shapes["kv_heads"], shapes["head_dim"], shapes["stored"]
+    r, m = hkv * (shapes["layers"] if on_read else 1), cap // 2  # on read: one call compacts every layer's rows
+    kk = torch.randn(r, cap, d, device=device, generator=g).to(dt)
+    vv = torch.randn(r, cap, d, device=device, generator=g).to(dt)
+    keep = torch.stack([torch.randperm(cap, device=device, generator=g)[:m].sort().values for _ in range(r)])
+    delta = -torch.randint(0, cap // 2, (r, m), device=device, generator=g)
+    inv = 1.0 / (1e6 ** (torch.arange(0, d, 2, device=device).float() / d))
+    idx = keep[..., None].expand(-1, -1, d)
+    want_k = rotate_fp64(kk.gather(1, idx), delta, inv)
+    bound = 2 * torch.finfo(dt).eps * want_k.abs().max().item() + 1e-6  # one rounding to the dtype
+    k2, v2, rows = kk.clone(), vv.clone(), []
+    if on_read:
+        kernels.compact_(k2, v2, keep)
+        moved = bool(torch.equal(k2[:, :m], kk.gather(1, idx)) and torch.equal(v2[:, :m], vv.gather(1, idx)))
+        rows.append(dict(kernel="compact", impl=impl, dtype=name, rows=r, kept=m, slots=cap,
+                         max_abs_err=0.0 if moved else float("inf"), ok=moved))  # fmt: skip
+        got, ref = kernels.rotate_keys(k2[:, :m], delta, inv), kernels.rotate_keys_ref(k2[:, :m], delta, inv)
+        kernel = "rotate_keys"
+    else:
+        k3, v3 = kk.clone(), vv.clone()
+        kernels.compact_rerotate_(k2, v2, keep, delta, inv)
+        kernels.compact_rerotate_ref(k3, v3, keep, delta, inv)
+        got, ref, kernel = k2[:, :m], k3[:, :m], "compact_rerotate"
+        moved = bool(torch.equal(v2[:, :m], vv.gather(1, idx)))
+    err = (got.double() - ref.double()).abs().max().item()
+    rows.append(dict(kernel=kernel, impl=impl, dtype=name, rows=r, kept=m, slots=cap, max_abs_err=err,
+                     max_abs_err_vs_fp64=(got.double() - want_k).abs().max().item(), one_rounding=bound,
+                     values_moved_exactly=moved, ok=err <= bound and moved))  # fmt: skip
     return rows
 
 
@@ -224,7 +245,8 @@ def markdown(res: dict) -> str:
              f"`{res['command']}`\n",
              "| kernel | impl | dtype | window | max abs err | vs | ok |", "|---|---|---|---|---|---|---|"]
     for r in res["kernels"]:
-        vs = "fp64 formula" if r["kernel"] == "window_scores" else f"torch ref (fp64: {r['max_abs_err_vs_fp64']:.1e})"
+        vs = "fp64 formula" if r["kernel"] == "window_scores" else "exact move" if r["kernel"] == "compact" else \
+            f"torch ref (fp64: {r['max_abs_err_vs_fp64']:.1e})"
         lines.append(f"| {r['kernel']} | {r['impl']} | {r['dtype']} | {r.get('window', '')} | "
                      f"{r['max_abs_err']:.2e} | {vs} | {'yes' if r['ok'] else '**no**'} |")
     s = res.get("stream")
