@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: venv demo test bench lint clean
+.PHONY: venv demo test bench gpu-check lint clean
 
 venv: $(STAMP)
 
@@ -33,6 +33,11 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/infmllm-bench all --out docs/bench --report docs/BENCHMARKS.md
+
+# The GPU measurements (kernels vs references in fp32/bf16/fp16, a 1M-token stream on a 7B-wide random model,
+# decode step vs HBM bound) as one script, under 8 minutes on one GPU; without CUDA it says so and exits 0.
+gpu-check: $(STAMP)
+	$(BIN)/python -m infmllm_ros.bench.gpu_check $(GPU_CHECK_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -17,6 +17,8 @@ COMMANDS = {
     "report": ("infmllm_ros.bench.report", "regenerate BENCHMARKS.md from the JSON results"),
     "train-vlm": ("infmllm_ros.bench.train_vlm", "train the embedded robot VLM on the synthetic world (time-boxed)"),
     "recall": ("infmllm_ros.bench.recall", "accuracy vs distance on held-out world episodes, per cache policy"),
+    "window-compare": ("infmllm_ros.bench.window_compare", "saddle retrieval window 0 vs 32, side by side"),
+    "gpu-check": ("infmllm_ros.bench.gpu_check", "kernels vs references, 1M-token stream, decode vs HBM (CUDA)"),
 }
 
 # `all`: every measurement on the committed models, then the report. The trainers are left out on purpose

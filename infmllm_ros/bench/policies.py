@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, replace
 import torch
 
 DEFAULT_SINKS = 4
-DEFAULT_WINDOW = 32
+DEFAULT_WINDOW = 0  # saddle's retrieval window: 0 = every query of the chunk votes (CacheConfig's default)
 DEFAULT_SADDLE_SWEEP = ("none:0", "linear:0.5", "linear:1", "linear:2", "age_decay:0.1", "age_decay:0.5")
 
 
@@ -38,7 +38,7 @@ class PolicySpec:
         from infmllm_ros.cache import CacheConfig
 
         return CacheConfig(policy=self.policy, budget=budget, recent=self.recent(budget),
-                           window=min(self.window, chunk), sinks=self.sinks, bias=self.bias,
+                           window=min(self.window, chunk) if self.window else 0, sinks=self.sinks, bias=self.bias,
                            bias_strength=self.bias_strength, positions=self.positions, max_chunk=chunk,
                            max_new_tokens=max_new_tokens)
 
@@ -58,19 +58,19 @@ def parse_saddle(item: str) -> tuple[str, float]:
     return form, float(strength or 1.0)
 
 
-def saddle_spec(form: str, strength: float) -> PolicySpec:
+def saddle_spec(form: str, strength: float, window: int = DEFAULT_WINDOW) -> PolicySpec:
     return PolicySpec(f"saddle[{form},{strength:g}]", "saddle", sinks=DEFAULT_SINKS, recent_fraction=0.25,
-                      bias=form, bias_strength=strength)
+                      window=window, bias=form, bias_strength=strength)
 
 
-def bounded_policies(saddle_sweep=DEFAULT_SADDLE_SWEEP) -> list[PolicySpec]:
-    """The budgeted policies, in report order."""
+def bounded_policies(saddle_sweep=DEFAULT_SADDLE_SWEEP, window: int = DEFAULT_WINDOW) -> list[PolicySpec]:
+    """The budgeted policies, in report order; `window` is the saddle's retrieval window (0 = whole chunk)."""
     specs = [
         PolicySpec("window_no_sinks", "streaming_llm", sinks=0),
         PolicySpec("streaming_llm", "streaming_llm", sinks=DEFAULT_SINKS),
         PolicySpec("h2o", "h2o", sinks=0, recent_fraction=0.5),
     ]
-    specs += [saddle_spec(*parse_saddle(s)) for s in saddle_sweep]
+    specs += [saddle_spec(*parse_saddle(s), window) for s in saddle_sweep]
     return specs
 
 

@@ -81,9 +81,9 @@ class Record:
     valid_action: bool | None = None  # action questions: the answer parses as an action of the vocabulary
 
 
-def policy_specs(saddle_sweep=DEFAULT_SADDLE, names=None) -> list[PolicySpec]:
+def policy_specs(saddle_sweep=DEFAULT_SADDLE, names=None, window: int = policies.DEFAULT_WINDOW) -> list[PolicySpec]:
     """full + the bounded policies of bench/policies (window, StreamingLLM, H2O, saddle sweep), optionally filtered."""
-    specs = [FULL] + policies.bounded_policies(saddle_sweep)
+    specs = [FULL] + policies.bounded_policies(saddle_sweep, window)
     if names:
         unknown = set(names) - {s.name for s in specs}
         if unknown:
@@ -252,7 +252,8 @@ def markdown(res: dict) -> str:
              f"{res['questions_per_episode']} questions per episode ({res['n_questions']} questions); budget "
              f"{res['budget']} tokens (a frame is {res['frame_tokens']} tokens: the budget holds "
              f"{res['window_frames']} frames), full cache budget {res['full_budget']}; greedy, at most "
-             f"{res['max_new_tokens']} new tokens; "
+             f"{res['max_new_tokens']} new tokens; saddle retrieval window "
+             f"{'whole chunk' if not res.get('retrieval_window', 32) else res.get('retrieval_window', 32)}; "
              f"{res['device']} {res['dtype']}; {common.describe_machine(res['machine'])}; commit {res['commit']}.\n",
              f"`{res['command']}`\n",
              f"The full cache never evicts: its positions run up to {res['full_budget']} tokens"
@@ -347,6 +348,8 @@ def parse(argv):
     p.add_argument("--budget", type=int, default=128, help="tokens stored per layer after each eviction")
     p.add_argument("--policies", nargs="*", default=None, help="only these policy names")
     p.add_argument("--saddle", nargs="*", default=list(DEFAULT_SADDLE), help="saddle bias:strength items")
+    p.add_argument("--window", type=int, default=policies.DEFAULT_WINDOW,
+                   help="saddle retrieval window: 0 = every query of the chunk votes, N = its last N queries")
     p.add_argument("--max-new-tokens", type=int, default=40)
     p.add_argument("--max-chunk", type=int, default=256)
     p.add_argument("--full-max", type=int, default=16384, help="skip the full cache above this budget")
@@ -384,12 +387,13 @@ def main(argv=None, session_factory: SessionFactory | None = None, model=None, p
         session_factory = session_factory_for(model, processor)
     else:
         model_name = a.model or "injected session factory"
-    specs = policy_specs(a.saddle, a.policies)
+    specs = policy_specs(a.saddle, a.policies, a.window)
     questions = a.questions if a.questions is not None else max(1, a.frames // 3)
     print(f"recall: seeds {a.seeds}, {a.frames} frames, {questions} questions per episode, budget {a.budget}, "
           f"policies {[s.name for s in specs]}, model {model_name}", flush=True)
     res = run(session_factory, a.seeds, a.frames, questions, a.budget, specs, a.max_new_tokens, a.max_chunk,
               a.full_max)
+    res.update(retrieval_window=a.window)
     res.update(kind="recall", model=model_name, model_info=model_info(model, model_path) if model is not None else None,
                device=str(device), dtype=a.dtype, machine=m, commit=common.git_commit(),
                command=common.command_line(["recall", *argv]))

@@ -12,12 +12,23 @@ import json
 import os
 from pathlib import Path
 
-from infmllm_ros.bench import cache_cost_view, common, cost, metrics, recall, text_ppl, train_lm
+from infmllm_ros.bench import (
+    cache_cost_view,
+    common,
+    cost,
+    gpu_check,
+    metrics,
+    recall,
+    text_ppl,
+    train_lm,
+    window_compare,
+)
 
-RENDERERS = {"train_lm": train_lm, "text_ppl": text_ppl, "cost": cost, "cache_cost": cache_cost_view, "recall": recall}
-ORDER = ["train_lm", "text_ppl", "cost", "cache_cost", "recall"]
+RENDERERS = {"train_lm": train_lm, "text_ppl": text_ppl, "cost": cost, "cache_cost": cache_cost_view, "recall": recall,
+             "window_compare": window_compare, "gpu_check": gpu_check}
+ORDER = ["train_lm", "text_ppl", "cost", "cache_cost", "recall", "window_compare", "gpu_check"]
 TITLES = {"train_lm": "Model", "text_ppl": "Quality", "cost": "Cost", "cache_cost": "Cache cost",
-          "recall": "Recall vs distance"}
+          "recall": "Recall vs distance", "window_compare": "Retrieval window", "gpu_check": "GPU check"}
 SETUP = ["apt-get install -y bible-kjv            # the KJV text (Debian bible-kjv + bible-kjv-text), as root",
          "pip install -e . && pip install matplotlib"]
 
@@ -76,6 +87,8 @@ def findings(results: list[tuple[Path, dict]]) -> list[str]:
             out.append(f"`{path.name}` at {longest} tokens: " + "; ".join(parts) + ".")
         elif res["kind"] == "recall":
             out += recall.findings(path.name, res)
+        elif res["kind"] in ("window_compare", "gpu_check"):
+            out += RENDERERS[res["kind"]].findings(path.name, res)
     return out
 
 
@@ -95,6 +108,9 @@ def render(results: list[tuple[Path, dict]], output: Path) -> str:
         if not png.exists():
             module.plot(res, png)
         lines += [f"![{path.stem}]({_rel(png, output)})", ""]
+    if not any(r["kind"] == "gpu_check" for _, r in results):
+        lines += ["## GPU check", "", "`make gpu-check` (kernels on CUDA in fp32/bf16/fp16, a 1M-token stream on a "
+                  "7B-wide random model, decode vs HBM bound) has not run yet: no GPU result under this folder.", ""]
     lines += ["## Machines and commits", ""]
     lines += [f"- `{p.name}`: {common.describe_machine(cache_cost_view.full_machine(r['machine']))}; "
               f"commit `{r['commit']}`" for p, r in results]
@@ -103,8 +119,14 @@ def render(results: list[tuple[Path, dict]], output: Path) -> str:
 
 
 def _reproduce(results) -> list[str]:
-    cmds = SETUP + [r["command"] for _, r in results] + ["infmllm-bench report"]
+    cmds = SETUP + [_command(r) for _, r in results] + ["infmllm-bench report"]
     return ["```bash", *cmds, "```"]
+
+
+def _command(res: dict) -> str:
+    # results from before the --window option ran the saddle with the last 32 queries (now the default is 0)
+    old_window = res["kind"] in ("text_ppl", "recall") and "retrieval_window" not in res
+    return res["command"] + (" --window 32" if old_window else "")
 
 
 def _rel(path: Path, output: Path) -> str:

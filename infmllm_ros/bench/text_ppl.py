@@ -100,7 +100,8 @@ def timed(fn, *a):
 
 
 def run(model, ids: torch.Tensor, budgets, chunk: int, saddle_sweep=policies.DEFAULT_SADDLE_SWEEP,
-        full_tokens: int = 0, window_tokens: int = 0, has_start: bool = True, log=print) -> dict:
+        full_tokens: int = 0, window_tokens: int = 0, has_start: bool = True, log=print,
+        retrieval_window: int = policies.DEFAULT_WINDOW) -> dict:
     """Every policy at every budget on the stream `ids`; returns the results dict (rows of metrics.Summary)."""
     n_pred = len(ids) - 1
     window = window_tokens or max(16, n_pred // 16)
@@ -112,7 +113,7 @@ def run(model, ids: torch.Tensor, budgets, chunk: int, saddle_sweep=policies.DEF
         rows.append({**metrics.summarize(REFERENCE.name, budget, ref, window, ref, sec).as_dict(),
                      "spec": REFERENCE.describe()})
         log(f"  B={budget} {REFERENCE.name}: ppl {rows[-1]['ppl']:.4f} ({sec:.1f}s)")
-        for spec in policies.bounded_policies(saddle_sweep):
+        for spec in policies.bounded_policies(saddle_sweep, retrieval_window):
             if skipped_reason:
                 rows.append({"policy": spec.name, "budget": budget, "skipped": skipped_reason,
                              "spec": spec.describe(budget)})
@@ -135,6 +136,7 @@ def run(model, ids: torch.Tensor, budgets, chunk: int, saddle_sweep=policies.DEF
         f"collapse detected: {full_rows[-1]['collapsed']} ({sec:.1f}s)")
     return {"tokens": n_pred, "chunk": chunk, "budgets": list(budgets), "window_tokens": window,
             "full_tokens": f_tokens, "full_window_tokens": f_window, "saddle_sweep": list(saddle_sweep),
+            "retrieval_window": retrieval_window,
             "cache_backend": "DynamicCache (full only)" if skipped_reason else "infmllm_ros.cache.BoundedCache",
             "skipped": skipped_reason, "rows": rows + full_rows}
 
@@ -145,11 +147,16 @@ def beyond_context(res: dict) -> list[int]:
     return [b for b in res["budgets"] if limit and b + res["chunk"] > limit]
 
 
+def _window_text(w) -> str:
+    return "whole chunk" if not w else f"last {w} queries"
+
+
 def markdown(res: dict) -> str:
     m = res["machine"]
     lines = ["### Streaming perplexity (`text`)\n",
              f"Model `{res['model']}` ({res['model_info']['parameters'] / 1e6:.2f}M parameters, trained/max positions "
              f"{res['model_info']['max_position_embeddings']}), {res['tokens']} held-out tokens, chunk {res['chunk']}, "
+             f"saddle retrieval window {_window_text(res.get('retrieval_window', 32))}, "
              f"windows of {res['window_tokens']} tokens; {res['device']} {res['dtype']}; "
              f"{common.describe_machine(m)}; commit {res['commit']}.\n",
              f"`{res['command']}`\n"]
@@ -221,6 +228,8 @@ def parse(argv):
     p.add_argument("--saddle", nargs="*", default=list(policies.DEFAULT_SADDLE_SWEEP), help="bias:strength items")
     p.add_argument("--full-tokens", type=int, default=16384,
                    help="the full cache runs over this prefix only (its cost is quadratic); 0 = the whole stream")
+    p.add_argument("--window", type=int, default=policies.DEFAULT_WINDOW,
+                   help="saddle retrieval window: 0 = every query of the chunk votes, N = its last N queries")
     p.add_argument("--window-tokens", type=int, default=0, help="tokens per reported window (default tokens/16)")
     p.add_argument("--text", default=None, help="a text file instead of the KJV (its last 10 %% is streamed)")
     p.add_argument("--data-dir", default=str(corpus.DATA_DIR))
@@ -253,7 +262,8 @@ def main(argv=None):
     ids = stream_ids(tok, args.tokens, corpus.split(corpus.load_text(args.text, args.data_dir)).held_out).to(device)
     has_start = start_token(tok) is not None
     print(f"text: {args.tokens} held-out tokens, budgets {args.budgets}, chunk {args.chunk}, model {args.model}")
-    res = run(model, ids, args.budgets, args.chunk, args.saddle, args.full_tokens, args.window_tokens, has_start)
+    res = run(model, ids, args.budgets, args.chunk, args.saddle, args.full_tokens, args.window_tokens, has_start,
+              retrieval_window=args.window)
     res.update(kind="text_ppl", model=str(args.model), model_info=model_info(model), device=str(device),
                dtype=str(dtype).replace("torch.", ""), start_token=start_token(tok), machine=m,
                commit=common.git_commit(), command=common.command_line(["text", *argv]),

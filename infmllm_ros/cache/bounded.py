@@ -161,7 +161,7 @@ class BoundedCache(Cache):
         """Called by the attention function: hand this layer the scores its policy needs."""
         mode = self.policy.scores
         if mode == "window" and self.prefill:
-            w = min(self.config.window, query.shape[-2])
+            w = min(self.config.window or query.shape[-2], query.shape[-2])  # 0: the whole chunk votes
             scores = window_scores(query[:, :, -w:], key, scaling, normalize=True)
         elif mode == "every_step":
             scores = window_scores(query, key, scaling, normalize=False)

@@ -18,7 +18,8 @@ class CacheConfig:
                      "h2o" (recent + top-k by scores accumulated over every step), "full" (never evicts).
     budget:          tokens stored per layer (and per KV head) after each eviction.
     recent:          newest tokens always kept (saddle, h2o). StreamingLLM keeps budget - sinks recent tokens.
-    window:          retrieval window: the last `window` queries of a prefill chunk vote (saddle).
+    window:          retrieval window (saddle): 0 = every query of the prefill chunk votes (the paper's window,
+                     the whole new prompt); a positive value caps it to the chunk's last `window` queries.
     sinks:           first tokens of the stream always kept (0 = none).
     bias:            tilt of the eviction score toward newer tokens: "none", "linear" (recency, additive,
                      scale-free) or "age_decay" (score * exp(-strength * chunks since the token arrived)).
@@ -32,7 +33,7 @@ class CacheConfig:
     policy: str = "saddle"
     budget: int = 512
     recent: int = 64
-    window: int = 32
+    window: int = 0
     sinks: int = 0
     bias: str = "linear"
     bias_strength: float = 1.0
@@ -50,10 +51,10 @@ class CacheConfig:
             bad(f"unknown bias {self.bias!r}; choose one of {BIASES}")
         if self.positions not in POSITIONS:
             bad(f"unknown positions mode {self.positions!r}; choose one of {POSITIONS}")
-        for name in ("budget", "window", "max_chunk"):
+        for name in ("budget", "max_chunk"):
             if int(getattr(self, name)) < 1:
                 bad(f"{name} must be >= 1")
-        for name in ("recent", "sinks", "max_new_tokens"):
+        for name in ("recent", "window", "sinks", "max_new_tokens"):
             if int(getattr(self, name)) < 0:
                 bad(f"{name} must be >= 0")
         if self.bias_strength < 0:

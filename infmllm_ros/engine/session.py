@@ -3,6 +3,11 @@
 Every input becomes one prefill chunk with explicit positions (next free position + offsets from the family's
 adapter), then the cache evicts once (`end_chunk`). Frames are encoded once and never re-fed; answers are decoded
 token by token (no eviction per token) and stay in the cache as part of the conversation.
+
+Pending tokens (the system turn, an answer's last token and its closing text) join the next chunk. When the two
+together pass max_chunk, the pending tokens go first in a forward that does not evict: an eviction is only ever
+voted by a real chunk (a frame, a question), never by the 2-3 queries of a turn's closing tokens. The cache gets
+room for that closing text on top of max_new_tokens (`answer_tail` slots per layer).
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ import numbers
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -67,11 +72,14 @@ class StreamingSession:
         self.model, self.processor = model.eval(), processor
         self.adapter = adapter_for(model, processor)
         self.tokenizer = processor.tokenizer
-        self.kv_bytes = int(BoundedCache.kv_bytes_for(self.cfg, model.config, self.dtype))
+        # an answer's closing text may have to wait in the cache beside the answer (see the module docstring)
+        self.answer_tail = len(self.adapter.encode(self.adapter.close_text()))
+        self.cache_cfg = replace(self.cfg, max_new_tokens=self.cfg.max_new_tokens + self.answer_tail)
+        self.kv_bytes = int(BoundedCache.kv_bytes_for(self.cache_cfg, model.config, self.dtype))
         if check_memory:  # weights are resident already; the KV buffers must still fit
             memory.check_fits(self.kv_bytes, self.device, "KV cache buffers", memory_headroom)
         attention.install(model)
-        self.cache = BoundedCache(self.cfg, model.config, self.device, self.dtype)
+        self.cache = BoundedCache(self.cache_cfg, model.config, self.device, self.dtype)
         lo, hi = self.adapter.frame_bounds()
         self.frame_min_side, self.frame_max_side = frame_min_side or lo, frame_max_side or hi
         self.system_prompt, self.seed, self.trace = system_prompt, seed, trace
@@ -118,7 +126,7 @@ class StreamingSession:
                 f"one frame is {chunk.length} tokens > cache max_chunk {self.cfg.max_chunk}; raise "
                 f"CacheConfig.max_chunk or lower frame_max_side (now {self.frame_max_side})")
         if len(self._pending) + chunk.length > self.cfg.max_chunk:
-            self._flush_pending()
+            self._feed_pending_ahead(chunk.length)
         self._prefill(self._with_pending(chunk))
         c = self.counters
         c.first_stamp = origin
@@ -148,8 +156,8 @@ class StreamingSession:
         stops = [s for s in (stop or []) if s]
         open_, close_ = self.adapter.question_wrap()
         head, tail = self.adapter.encode(open_), self.adapter.encode(close_)
-        flush = len(self._pending) + len(head) + len(tail) + 1 > self.cfg.max_chunk  # pending goes alone first
-        room = self.cfg.max_chunk - (0 if flush else len(self._pending)) - len(head) - len(tail)
+        ahead = len(self._pending) + len(head) + len(tail) + 1 > self.cfg.max_chunk  # pending goes first, no eviction
+        room = self.cfg.max_chunk - (0 if ahead else len(self._pending)) - len(head) - len(tail)
         if room < 1:
             raise InvalidInstructionError(f"cache max_chunk {self.cfg.max_chunk} leaves no room for an instruction")
         if len(user) > room:
@@ -157,8 +165,8 @@ class StreamingSession:
             warnings.warn(f"instruction of {len(user)} tokens truncated to {room} (cache max_chunk "
                           f"{self.cfg.max_chunk})", stacklevel=3)
             user = user[:room]
-        if flush:
-            self._flush_pending()
+        if ahead:
+            self._feed_pending_ahead(len(head) + len(user) + len(tail))
         if seed is not None:
             self.generator.manual_seed(seed)
         ids = torch.tensor([head + user + tail], dtype=torch.long)
@@ -252,7 +260,7 @@ class StreamingSession:
 
     def _free_slots(self) -> int:
         # Evicting policies always leave room (stored <= budget after each chunk); "full" can run out.
-        return self.cfg.capacity - int(self.cache.stored)
+        return self.cache_cfg.capacity - int(self.cache.stored)
 
     def _truncate(self, ids: list[int], limit: int, what: str) -> list[int]:
         if len(ids) > limit:
@@ -268,15 +276,24 @@ class StreamingSession:
         return Chunk(ids=torch.cat([pre, chunk.ids], 1), model_kwargs=chunk.model_kwargs,
                      mm_token_type_ids=torch.cat([torch.zeros_like(pre), mm.to(pre.dtype)], 1))
 
-    def _flush_pending(self) -> None:
-        if self._pending:
-            ids = torch.tensor([self._pending], dtype=torch.long)
-            self._prefill(Chunk(ids=ids, mm_token_type_ids=torch.zeros_like(ids)))
+    def _feed_pending_ahead(self, next_length: int) -> None:
+        """Pending tokens that do not fit beside the next chunk (of next_length tokens): one forward without eviction,
+        so the eviction after the next chunk counts them in. After an answer they always fit (stored <= budget +
+        answer - 1, + the tail, + max_chunk <= capacity). Only the system turn at the start of a stream, when it is
+        larger than budget + max_new_tokens, is still prefilled as a chunk of its own (the stream is that short)."""
+        if not self._pending:
+            return
+        ids = torch.tensor([self._pending], dtype=torch.long)
+        chunk = Chunk(ids=ids, mm_token_type_ids=torch.zeros_like(ids))
+        if len(self._pending) + next_length > self._free_slots():
+            self._prefill(chunk)
+        else:
+            self._prefill(chunk, evict=False)
 
-    def _prefill(self, chunk: Chunk) -> torch.Tensor:
+    def _prefill(self, chunk: Chunk, evict: bool = True) -> torch.Tensor:
         if chunk.length > self._free_slots():
             raise CacheFullError(
-                f"the cache holds {int(self.cache.stored)} of {self.cfg.capacity} slots and the next chunk needs "
+                f"the cache holds {int(self.cache.stored)} of {self.cache_cfg.capacity} slots and the next chunk needs "
                 f"{chunk.length}: policy {self.cfg.policy!r} did not evict; call reset() or use an evicting policy")
         self._pending = []
         ids = chunk.ids.to(self.device)
@@ -285,7 +302,8 @@ class StreamingSession:
                   if isinstance(v, torch.Tensor) else v for k, v in chunk.model_kwargs.items()}
         logits = self._forward(ids, pos.to(self.device), prefill=True, **kwargs)
         try:
-            self.cache.end_chunk()
+            if evict:
+                self.cache.end_chunk()
         except BaseException as e:
             self._broken = f"end_chunk: {type(e).__name__}: {e}"
             raise

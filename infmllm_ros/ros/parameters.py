@@ -92,7 +92,7 @@ TABLE: tuple[Param, ...] = (
           lo=0, hi=1 << 20),
     Param("cache.budget_frames", 8, "frames the auto budget holds (cache.budget 0)", lo=1, hi=4096),
     Param("cache.recent", 64, "newest tokens always kept", lo=0, hi=1 << 20),
-    Param("cache.window", 32, "retrieval window (last queries of a chunk that vote); 0 = the whole chunk",
+    Param("cache.window", 0, "retrieval window (last queries of a chunk that vote); 0 = the whole chunk",
           lo=0, hi=1 << 20),
     Param("cache.sinks", 0, "first tokens of the stream always kept", lo=0, hi=1 << 20),
     Param("cache.bias", "linear", "tilt of eviction toward newer tokens", choices=("none", "linear", "age_decay")),

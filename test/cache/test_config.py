@@ -11,7 +11,7 @@ from infmllm_ros.cache import BoundedCache, CacheConfig
 @pytest.mark.parametrize("kwargs,match", [
     (dict(recent=80, budget=64), r"recent \(80\) > budget \(64\)"),
     (dict(budget=64, recent=60, sinks=8), r"budget \(64\) < sinks \+ recent"),
-    (dict(window=0), "window must be >= 1"),
+    (dict(window=-1), "window must be >= 0"),
     (dict(budget=0, recent=0), "budget must be >= 1"),
     (dict(max_chunk=0), "max_chunk must be >= 1"),
     (dict(policy="lru"), "unknown policy 'lru'"),

@@ -15,9 +15,10 @@ from infmllm_ros.kernels.window_scores_triton import window_scores_triton  # noq
 
 def check_window_scores():
     # (H_q, H_kv, W, N, D, normalize): GQA 1/2/3/4, window = whole chunk, single decode query, odd sizes,
-    # N past one key block, offsets 0..40
+    # N past one key block, offsets 0..40; 28/4 heads (GQA 7) with a whole-chunk window
     cases = [(4, 2, 5, 37, 16, True), (4, 4, 1, 20, 8, False), (6, 2, 17, 17, 12, True), (8, 2, 3, 45, 16, True),
-             (3, 1, 7, 40, 10, False), (4, 1, 33, 70, 16, True)]  # fmt: skip
+             (3, 1, 7, 40, 10, False), (4, 1, 33, 70, 16, True),
+             (28, 4, 24, 90, 32, True), (7, 1, 40, 40, 16, True)]  # fmt: skip
     for hq, hkv, w, n, d, norm in cases:
         q, k = torch.randn(1, hq, w, d), torch.randn(1, hkv, n, d)
         want, got = window_scores_ref(q, k, d**-0.5, norm), window_scores_triton(q, k, d**-0.5, norm)

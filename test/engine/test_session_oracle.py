@@ -60,7 +60,8 @@ def test_qwen2_5_vl_stream_equals_full_forward(tiny):
 
 @pytest.mark.parametrize("fam", ["llava_llama", "qwen2_vl"])
 def test_small_chunks_still_equal_full_forward(tiny, fam):
-    """max_chunk just above one frame: the system turn and answer closings are flushed as chunks of their own."""
+    """max_chunk just above one frame: the system turn and answer closings are fed ahead of the next chunk (a forward
+    without eviction, see test_session_votes), and the logits still equal the full forward."""
     system = "You are a robot assistant watching a camera stream."
     frame_tokens = {"llava_llama": 30, "qwen2_vl": 20}[fam]
     cfg = CacheConfig(policy="saddle", budget=1024, recent=64, window=16, max_chunk=frame_tokens + 2,

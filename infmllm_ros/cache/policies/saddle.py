@@ -26,7 +26,7 @@ def attention_bias(score: torch.Tensor, c: Candidates, form: str, strength: floa
 @register("saddle")
 @dataclass
 class Saddle(Policy):
-    window: int = 32
+    window: int = 0  # 0 = the whole chunk (CacheConfig.window)
     bias: str = "linear"
     bias_strength: float = 1.0
     scores = "window"

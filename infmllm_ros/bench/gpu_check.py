@@ -1,0 +1,354 @@
+"""gpu-check: the measurements that need a GPU, as one prepared script (`make gpu-check`, under 8 minutes).
+
+1. kernels: the dispatched kernels (Triton on CUDA) against independent fp64 formulas, and against their torch
+   references, in fp32 / bf16 / fp16 on real shapes (28 query heads / 4 KV heads, head_dim 128, 8K stored tokens;
+   windows of 32 queries and of a whole 576-token frame; one decode query with raw column sums);
+2. stream: 1M tokens through a real-size random-weight text model (Qwen2.5-7B widths) on the bounded cache:
+   tokens/s and torch.cuda.max_memory_allocated at 4K / 64K / 1M tokens (flat = bounded);
+3. decode: one decode step's time against (weight bytes + kept KV bytes) / measured HBM bandwidth.
+
+Writes a json (default docs/bench/gpu_check.json). Without CUDA it prints why and exits 0 having written nothing,
+unless `--device cpu` is asked for: `--tiny --device cpu` runs every part at toy size (the smoke test).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from infmllm_ros.bench import common
+
+REAL = dict(heads=28, kv_heads=4, head_dim=128, stored=8192, windows=(32, 576), layers=28, hidden=3584,
+            intermediate=18944, vocab=152064, tokens=1 << 20, marks=(4096, 65536, 1 << 20), chunk=2048,
+            budget=4096, decode_steps=32, copy_mib=2048)  # fmt: skip
+TINY = dict(heads=4, kv_heads=2, head_dim=16, stored=128, windows=(8, 40), layers=2, hidden=64, intermediate=128,
+            vocab=256, tokens=1024, marks=(256, 512, 1024), chunk=64, budget=128, decode_steps=4, copy_mib=16)
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def sync(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# ---------------------------------------------------------------------------------------------------- kernels
+
+
+def dense_scores_fp64(q, k, scaling, normalize):
+    """The textbook window scores at fp64 (full W x N softmax, causal with the chunk offset, GQA mean)."""
+    b, hq, w, _ = q.shape
+    hkv, n = k.shape[1], k.shape[2]
+    s = (q.double() @ k.double().repeat_interleave(hq // hkv, 1).transpose(-1, -2)) * scaling
+    i = torch.arange(w, device=q.device)[:, None] + n - w
+    j = torch.arange(n, device=q.device)[None, :]
+    col = s.masked_fill(j > i, float("-inf")).softmax(-1).sum(-2).view(b, hkv, hq // hkv, n).mean(2)
+    return col / (j[0] <= i).sum(0).double() if normalize else col
+
+
+def rotate_fp64(x, delta, inv_freq):
+    f = inv_freq.numel()
+    ang = delta.double()[..., None] * inv_freq.double()
+    x = x.double()
+    x1, x2 = x[..., :f], x[..., f : 2 * f]
+    return torch.cat([x1 * ang.cos() - x2 * ang.sin(), x2 * ang.cos() + x1 * ang.sin(), x[..., 2 * f :]], -1)
+
+
+def check_kernels(device, shapes, dtypes=DTYPES) -> list[dict]:
+    from infmllm_ros.kernels import window_scores, window_scores_ref
+    from infmllm_ros.kernels.window_scores import _triton_ok
+
+    impl = "triton" if device.type == "cuda" and _triton_ok() else "torch"
+    hq, hkv, d, n = shapes["heads"], shapes["kv_heads"], shapes["head_dim"], shapes["stored"]
+    g = torch.Generator(device).manual_seed(0)
+    rows = []
+    for name in dtypes:
+        dt = getattr(torch, name)
+        for w, normalize in [(w, True) for w in shapes["windows"]] + [(1, False)]:
+            q = torch.randn(1, hq, w, d, device=device, generator=g).to(dt)
+            k = torch.randn(1, hkv, n, d, device=device, generator=g).to(dt)
+            got = window_scores(q, k, d**-0.5, normalize)
+            want = dense_scores_fp64(q, k, d**-0.5, normalize)
+            ref = window_scores_ref(q, k, d**-0.5, normalize)
+            scale = want.abs().max().item()
+            err, err_ref = (got.double() - want).abs().max().item(), (got - ref).abs().max().item()
+            rows.append(dict(kernel="window_scores", impl=impl, dtype=name, window=w, normalize=normalize,
+                             stored=n, max_abs_err=err, max_abs_err_vs_torch_ref=err_ref, scale=scale,
+                             ok=err <= 1e-5 * max(scale, 1.0)))  # fmt: skip
+        rows += check_moves(device, dt, name, shapes, g, impl)
+    return rows
+
+
+def check_moves(device, dt, name: str, shapes: dict, g, impl: str) -> list[dict]:
+    """Compaction and key rotation: half of the slots kept and moved to the front, keys turned by delta = new - old
+    position (up to -stored/2). ok: the kernel equals its torch reference to one rounding of the dtype and moves
+    values exactly. The fp64 error is reported, not judged: kernel and reference both take the angle
+    delta * inv_freq in fp32, which at |delta| ~ 4K is off by ~1e-4 rad."""
+    from infmllm_ros import kernels
+
+    on_read = hasattr(kernels, "rotate_keys")  # rotate-on-read API: moves only, rotation when keys are read
+    hkv, d, cap = shapes["kv_heads"], shapes["head_dim"], shapes["stored"]
+    r, m = hkv * (shapes["layers"] if on_read else 1), cap // 2  # on read: one call compacts every layer's rows
+    kk = torch.randn(r, cap, d, device=device, generator=g).to(dt)
+    vv = torch.randn(r, cap, d, device=device, generator=g).to(dt)
+    keep = torch.stack([torch.randperm(cap, device=device, generator=g)[:m].sort().values for _ in range(r)])
+    delta = -torch.randint(0, cap // 2, (r, m), device=device, generator=g)
+    inv = 1.0 / (1e6 ** (torch.arange(0, d, 2, device=device).float() / d))
+    idx = keep[..., None].expand(-1, -1, d)
+    want_k = rotate_fp64(kk.gather(1, idx), delta, inv)
+    bound = 2 * torch.finfo(dt).eps * want_k.abs().max().item() + 1e-6  # one rounding to the dtype
+    k2, v2, rows = kk.clone(), vv.clone(), []
+    if on_read:
+        kernels.compact_(k2, v2, keep)
+        moved = bool(torch.equal(k2[:, :m], kk.gather(1, idx)) and torch.equal(v2[:, :m], vv.gather(1, idx)))
+        rows.append(dict(kernel="compact", impl=impl, dtype=name, rows=r, kept=m, slots=cap,
+                         max_abs_err=0.0 if moved else float("inf"), ok=moved))  # fmt: skip
+        got, ref = kernels.rotate_keys(k2[:, :m], delta, inv), kernels.rotate_keys_ref(k2[:, :m], delta, inv)
+        kernel = "rotate_keys"
+    else:
+        k3, v3 = kk.clone(), vv.clone()
+        kernels.compact_rerotate_(k2, v2, keep, delta, inv)
+        kernels.compact_rerotate_ref(k3, v3, keep, delta, inv)
+        got, ref, kernel = k2[:, :m], k3[:, :m], "compact_rerotate"
+        moved = bool(torch.equal(v2[:, :m], vv.gather(1, idx)))
+    err = (got.double() - ref.double()).abs().max().item()
+    rows.append(dict(kernel=kernel, impl=impl, dtype=name, rows=r, kept=m, slots=cap, max_abs_err=err,
+                     max_abs_err_vs_fp64=(got.double() - want_k).abs().max().item(), one_rounding=bound,
+                     values_moved_exactly=moved, ok=err <= bound and moved))  # fmt: skip
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------- stream + decode
+
+
+def random_text_model(shapes, device, dtype):
+    """Qwen2 with the given widths and random weights (nothing downloaded)."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    cfg = Qwen2Config(vocab_size=shapes["vocab"], hidden_size=shapes["hidden"],
+                      intermediate_size=shapes["intermediate"], num_hidden_layers=shapes["layers"],
+                      num_attention_heads=shapes["heads"], num_key_value_heads=shapes["kv_heads"],
+                      head_dim=shapes["head_dim"], max_position_embeddings=32768, rope_theta=1e6,
+                      tie_word_embeddings=False)  # fmt: skip
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = Qwen2ForCausalLM(cfg)
+    finally:
+        torch.set_default_dtype(old)
+    return model.eval()
+
+
+def peak_memory(device) -> dict:
+    if device.type == "cuda":
+        return {"max_memory_allocated": torch.cuda.max_memory_allocated(device)}
+    return {"max_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}  # CPU: the process peak
+
+
+def forward(model, cache, ids, prefill: bool):
+    pos = (cache.next_position + torch.arange(ids.shape[1], device=ids.device)).unsqueeze(0)
+    cache.begin_forward(pos, prefill=prefill)
+    out = model(input_ids=ids, position_ids=pos, cache=cache, use_cache=True, logits_to_keep=1,
+                **cache.forward_kwargs())  # fmt: skip
+    if prefill:
+        cache.end_chunk()
+    return out.logits[:, -1]
+
+
+def hbm_bandwidth(device, mib: int) -> float:
+    """Bytes/s of a device-to-device copy (read + write counted)."""
+    x = torch.empty(mib << 20, dtype=torch.uint8, device=device)
+    y = torch.empty_like(x)
+    y.copy_(x)
+    sync(device)
+    reps = 10
+    t = time.perf_counter()
+    for _ in range(reps):
+        y.copy_(x)
+    sync(device)
+    return 2 * x.numel() * reps / (time.perf_counter() - t)
+
+
+def run_stream(device, dtype, shapes, time_limit_s: float, log=print) -> dict:
+    from infmllm_ros.bench import policies
+    from infmllm_ros.cache import BoundedCache, CacheConfig
+
+    model = random_text_model(shapes, device, dtype)
+    policies.prepare(model)
+    chunk, steps = shapes["chunk"], shapes["decode_steps"]
+    cfg = CacheConfig(policy="saddle", budget=shapes["budget"], recent=shapes["budget"] // 8, window=0, sinks=4,
+                      max_chunk=chunk, max_new_tokens=steps + 1)  # fmt: skip
+    cache = BoundedCache(cfg, model.config, device, dtype)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    g = torch.Generator(device).manual_seed(0)
+    marks, points, fed, stopped = list(shapes["marks"]), [], 0, None
+    t_start = t_last = time.perf_counter()
+    last_fed = 0
+    with torch.inference_mode():
+        while fed < shapes["tokens"]:
+            ids = torch.randint(0, shapes["vocab"], (1, chunk), device=device, generator=g)
+            logits = forward(model, cache, ids, prefill=True)
+            fed += chunk
+            if marks and fed >= marks[0]:
+                sync(device)
+                now = time.perf_counter()
+                points.append(dict(tokens=fed, seconds=round(now - t_start, 3),
+                                   tokens_per_s=round((fed - last_fed) / (now - t_last), 1), stored=cache.stored,
+                                   next_position=cache.next_position, evictions=cache.evictions,
+                                   finite=bool(torch.isfinite(logits).all()), **peak_memory(device)))  # fmt: skip
+                log(f"  stream: {points[-1]}")
+                t_last, last_fed = now, fed
+                marks.pop(0)
+            if time.perf_counter() - t_start > time_limit_s:
+                stopped = f"time limit {time_limit_s:g} s reached at {fed} tokens"
+                break
+        # decode after the stream: one token at a time, no eviction
+        tok = logits.argmax(-1, keepdim=True)
+        times = []
+        for _ in range(steps):
+            sync(device)
+            t = time.perf_counter()
+            tok = forward(model, cache, tok, prefill=False).argmax(-1, keepdim=True)
+            sync(device)
+            times.append(time.perf_counter() - t)
+    times.sort()
+    step = times[len(times) // 2]
+    elem = torch.empty((), dtype=dtype).element_size()
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    kv_bytes = 2 * shapes["layers"] * shapes["kv_heads"] * cache.stored * shapes["head_dim"] * elem
+    bw = hbm_bandwidth(device, shapes["copy_mib"])
+    bound = (weight_bytes + kv_bytes) / bw
+    return dict(model=dict(family="qwen2 (random weights)", parameters=sum(p.numel() for p in model.parameters()),
+                           **{k: shapes[k] for k in ("layers", "hidden", "heads", "kv_heads", "head_dim", "vocab")}),
+                cache=dict(budget=cfg.budget, recent=cfg.recent, sinks=cfg.sinks, window=cfg.window,
+                           max_chunk=chunk, capacity=cfg.capacity),
+                points=points, stopped_early=stopped,
+                decode=dict(steps=steps, median_step_s=step, min_step_s=times[0], weight_bytes=weight_bytes,
+                            kept_kv_bytes=kv_bytes, copy_bandwidth_bytes_per_s=bw, bandwidth_bound_s=bound,
+                            step_over_bound=step / bound))  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------------------------ report
+
+
+def markdown(res: dict) -> str:
+    lines = ["### GPU check (`make gpu-check`)\n",
+             f"{res['device_name']} ({res['device']}, stream dtype {res['dtype']}{', toy sizes' if res['tiny'] else ''}"
+             f"); {common.describe_machine(res['machine'])}; commit {res['commit']}; {res['seconds']} s.\n",
+             f"`{res['command']}`\n",
+             "| kernel | impl | dtype | window | max abs err | vs | ok |", "|---|---|---|---|---|---|---|"]
+    for r in res["kernels"]:
+        vs = "fp64 formula" if r["kernel"] == "window_scores" else "exact move" if r["kernel"] == "compact" else \
+            f"torch ref (fp64: {r['max_abs_err_vs_fp64']:.1e})"
+        lines.append(f"| {r['kernel']} | {r['impl']} | {r['dtype']} | {r.get('window', '')} | "
+                     f"{r['max_abs_err']:.2e} | {vs} | {'yes' if r['ok'] else '**no**'} |")
+    s = res.get("stream")
+    if s:
+        m = s["model"]
+        lines += ["", f"Stream: random-weight {m['family']}, {m['parameters'] / 1e9:.2f}B parameters, {m['layers']} "
+                  f"layers, {m['heads']}/{m['kv_heads']} heads; saddle budget {s['cache']['budget']}, chunk "
+                  f"{s['cache']['max_chunk']}, window {s['cache']['window'] or 'whole chunk'}"
+                  + (f"; **stopped early**: {s['stopped_early']}" if s["stopped_early"] else "") + ".\n",
+                  "| tokens | s | tokens/s (since last row) | stored | next position | peak memory (MiB) |",
+                  "|---|---|---|---|---|---|"]
+        for p in s["points"]:
+            peak = p.get("max_memory_allocated", p.get("max_rss_bytes", 0)) / 2**20
+            lines.append(f"| {p['tokens']} | {p['seconds']} | {p['tokens_per_s']} | {p['stored']} | "
+                         f"{p['next_position']} | {peak:.0f} |")
+        d = s["decode"]
+        lines += ["", f"Decode: median step {1e3 * d['median_step_s']:.2f} ms; bound (weights "
+                  f"{d['weight_bytes'] / 2**30:.2f} GiB + kept KV {d['kept_kv_bytes'] / 2**20:.1f} MiB) / copy "
+                  f"bandwidth {d['copy_bandwidth_bytes_per_s'] / 1e9:.0f} GB/s = "
+                  f"{1e3 * d['bandwidth_bound_s']:.2f} ms: x{d['step_over_bound']:.2f} of the bound."]
+    return "\n".join(lines) + "\n"
+
+
+def plot(res: dict, path: Path) -> None:
+    plt = common.pyplot()
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    pts = (res.get("stream") or {}).get("points", [])
+    key = "max_memory_allocated" if pts and "max_memory_allocated" in pts[0] else "max_rss_bytes"
+    ax.plot([p["tokens"] for p in pts], [p.get(key, 0) / 2**30 for p in pts], marker="o")
+    ax.set_xscale("log")
+    ax.set_xlabel("tokens streamed")
+    ax.set_ylabel(f"{key} (GiB)")
+    ax.set_title("peak memory vs stream length (flat = bounded)")
+    common.save_figure(fig, path)
+
+
+def findings(name: str, res: dict) -> list[str]:
+    bad = [f"{r['kernel']} {r['dtype']}" for r in res["kernels"] if not r["ok"]]
+    out = [f"`{name}`: kernels vs references on {res['device_name']}: " + (", ".join(bad) + " **differ**" if bad
+                                                                            else "all within tolerance") + "."]
+    s = res.get("stream")
+    if s and s["points"]:
+        first, last = s["points"][0], s["points"][-1]
+        key = "max_memory_allocated" if "max_memory_allocated" in last else "max_rss_bytes"
+        out.append(f"`{name}`: {last['tokens']} tokens at {last['tokens_per_s']} tokens/s, peak memory "
+                   f"{first[key] / 2**30:.2f} GiB at {first['tokens']} tokens -> {last[key] / 2**30:.2f} GiB; decode "
+                   f"x{s['decode']['step_over_bound']:.2f} of the bandwidth bound.")
+    return out
+
+
+# -------------------------------------------------------------------------------------------------------- CLI
+
+
+def parse(argv):
+    p = argparse.ArgumentParser(prog="infmllm-bench gpu-check", description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--tiny", action="store_true", help="toy sizes (the CPU smoke test)")
+    p.add_argument("--dtype", default="auto", help="stream dtype: auto = bfloat16 on CUDA, float32 on CPU")
+    p.add_argument("--tokens", type=int, default=None, help="stream length (default 1M; --tiny 1024)")
+    p.add_argument("--stream-time-limit", type=float, default=300.0, help="stop the stream after this many s")
+    p.add_argument("--skip-stream", action="store_true")
+    p.add_argument("--out", default=str(common.DEFAULT_OUT / "gpu_check.json"))
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    a = parse(argv)
+    device = torch.device(a.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("gpu-check: skipped, no CUDA device here (run it on a GPU machine; `--tiny --device cpu` is the "
+              "CPU smoke test)")
+        return 0
+    shapes = dict(TINY if a.tiny else REAL)
+    if a.tokens:
+        shapes["tokens"] = a.tokens
+        shapes["marks"] = tuple(m for m in shapes["marks"] if m < a.tokens) + (a.tokens,)
+    dtype = getattr(torch, a.dtype) if a.dtype != "auto" else (torch.bfloat16 if device.type == "cuda"
+                                                                else torch.float32)  # fmt: skip
+    t0 = time.perf_counter()
+    m = common.machine()
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    res = dict(kind="gpu_check", device=str(device), device_name=name, tiny=a.tiny,
+               dtype=str(dtype).replace("torch.", ""), machine=m, commit=common.git_commit(),
+               command=common.command_line(["gpu-check", *argv]))
+    res["kernels"] = check_kernels(device, shapes)
+    for r in res["kernels"]:
+        print(f"  {r['kernel']} {r['impl']} {r['dtype']}: max err {r['max_abs_err']:.2e} ok={r['ok']}")
+    if not a.skip_stream:
+        res["stream"] = run_stream(device, dtype, shapes, a.stream_time_limit)
+        d = res["stream"]["decode"]
+        print(f"  decode step {1e3 * d['median_step_s']:.2f} ms vs bandwidth bound {1e3 * d['bandwidth_bound_s']:.2f}"
+              f" ms (x{d['step_over_bound']:.2f})")
+    res["ok"] = all(r["ok"] for r in res["kernels"]) and all(
+        p["finite"] for p in res.get("stream", {}).get("points", []))
+    res["seconds"] = round(time.perf_counter() - t0, 1)
+    out = Path(a.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(res, indent=1) + "\n")
+    print(f"gpu-check: {'ok' if res['ok'] else 'MISMATCH'} in {res['seconds']} s; wrote {out}")
+    return 0 if res["ok"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

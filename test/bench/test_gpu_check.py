@@ -1,0 +1,48 @@
+"""The prepared GPU script at toy size on CPU: every part runs, the json says what the GPU run will say, the kernel
+check can fail, and without CUDA the default run skips with a message (nothing written)."""
+
+import json
+
+import torch
+
+from infmllm_ros.bench import gpu_check
+
+
+def test_tiny_cpu_run_writes_every_part(tmp_path):
+    out = tmp_path / "gpu_check.json"
+    assert gpu_check.main(["--tiny", "--device", "cpu", "--tokens", "512", "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert res["ok"] and res["tiny"] and res["device"] == "cpu"
+    names = {r["kernel"] for r in res["kernels"]}  # compact_rerotate, or compact + rotate_keys (rotate-on-read)
+    assert names - {"window_scores"} in ({"compact_rerotate"}, {"compact", "rotate_keys"}), names
+    assert {(r["kernel"], r["dtype"]) for r in res["kernels"]} == {(k, d) for k in names for d in gpu_check.DTYPES}
+    assert all(r["ok"] for r in res["kernels"])
+    s = res["stream"]
+    assert [p["tokens"] for p in s["points"]] == [256, 512]
+    assert all(p["stored"] <= s["cache"]["budget"] and p["finite"] for p in s["points"])
+    assert s["points"][-1]["evictions"] >= 2 and s["cache"]["window"] == 0
+    d = s["decode"]
+    assert d["median_step_s"] > 0 and d["copy_bandwidth_bytes_per_s"] > 0
+    assert d["weight_bytes"] == 4 * s["model"]["parameters"]  # fp32 on CPU
+    assert d["bandwidth_bound_s"] == (d["weight_bytes"] + d["kept_kv_bytes"]) / d["copy_bandwidth_bytes_per_s"]
+    md = gpu_check.markdown(res)  # what docs/BENCHMARKS.md will show once the GPU run's json is in docs/bench
+    assert md.count("| window_scores |") == 9 and "| 512 |" in md and "of the bound" in md
+    assert "all within tolerance" in gpu_check.findings("g.json", res)[0]
+
+
+def test_kernel_check_catches_a_wrong_kernel(monkeypatch):
+    import infmllm_ros.kernels as kernels
+
+    good = kernels.window_scores
+    monkeypatch.setattr(kernels, "window_scores", lambda q, k, s, normalize=True: good(q, k, s, normalize) * 1.001)
+    rows = gpu_check.check_kernels(torch.device("cpu"), gpu_check.TINY, ("float32",))
+    assert not any(r["ok"] for r in rows if r["kernel"] == "window_scores")
+    assert all(r["ok"] for r in rows if r["kernel"] != "window_scores")
+
+
+def test_skips_cleanly_without_cuda(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    out = tmp_path / "gpu_check.json"
+    assert gpu_check.main(["--out", str(out)]) == 0
+    assert "skipped, no CUDA device" in capsys.readouterr().out
+    assert not out.exists()
