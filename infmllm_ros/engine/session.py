@@ -56,7 +56,8 @@ class _Counters:
 class StreamingSession:
     def __init__(self, model, processor, cache: CacheConfig | None = None, *, device=None, dtype=None,
                  system_prompt: str | None = None, seed: int = 0, suppress_tokens=(), frame_max_side: int | None = None,
-                 frame_min_side: int | None = None, frame_tokens: int | None = None, check_memory: bool = True, memory_headroom: float = 0.1,
+                 frame_min_side: int | None = None, frame_tokens: int | None = None, check_memory: bool = True,
+                 memory_headroom: float = 0.1,
                  trace: bool = False):
         self.cfg = cache if cache is not None else CacheConfig()
         self.device = torch.device(device) if device is not None else next(model.parameters()).device

@@ -20,8 +20,8 @@ NAMES = ("SmolVLM-256M-Instruct", "SmolVLM2-2.2B-Instruct", "llava-onevision-qwe
          "Qwen2-VL-2B-Instruct", "Qwen2.5-VL-3B-Instruct", "Qwen2.5-VL-7B-Instruct")
 TEXT_LAYERS, VISION_LAYERS, MAX_INTERMEDIATE = 2, 1, 1024
 
-_IDEFICS = ["<fake_token_around_image>", "<image>", "<end_of_utterance>", "<global-img>", "<|im_start|>", "<|im_end|>"] \
-    + [f"<row_{i}_col_{j}>" for i in range(1, 7) for j in range(1, 7)]
+_IDEFICS = ["<fake_token_around_image>", "<image>", "<end_of_utterance>", "<global-img>", "<|im_start|>",
+            "<|im_end|>"] + [f"<row_{i}_col_{j}>" for i in range(1, 7) for j in range(1, 7)]
 _QWEN = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>",
          "<|image_pad|>", "<|video_pad|>"]
 # model_type -> (special tokens, bos, eos, pad, {published id: token string})

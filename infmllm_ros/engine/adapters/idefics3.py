@@ -31,7 +31,8 @@ class Idefics3Adapter(Adapter):
         tile = self.tile_size()
         most = int(size_get(self.processor.image_processor.size, "longest_edge") or 4 * tile) // tile
         for k in range(most, 1, -1):
-            self.image_kwargs, self._split_side = {"do_image_splitting": True, "size": {"longest_edge": k * tile}}, k * tile
+            self._split_side = k * tile
+            self.image_kwargs = {"do_image_splitting": True, "size": {"longest_edge": k * tile}}
             if max(self.frame_chunk_tokens(s) for s in self.REFERENCE_SHAPES) <= self.frame_tokens:
                 return
         self.image_kwargs, self._split_side = {"do_image_splitting": False}, None
