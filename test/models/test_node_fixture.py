@@ -44,7 +44,7 @@ def test_node_answers_with_fixture(name, fixture_dir):
         assert got, node.log()[-3000:]
         r = json.loads(c.got("result")[-1].data)
         assert r["instruction"] == "What is in front of the robot?" and r["tokens"] >= 1, r
-        assert r["frame_stamp"] is not None and r["cache"]["seen"] > 3 * 576, r  # three VGA frames went in
+        assert r["frame_stamp"] is not None and r["cache"]["seen"] > 576, r  # a whole 576-token VGA frame went in
     finally:
         c.close()
         node.stop(timeout=20)
