@@ -33,14 +33,20 @@ def cache_config_kwargs(params: dict) -> dict:
     return out
 
 
-def torch_dtype(name: str, device: str):
-    """The dtype parameter -> a torch dtype; "auto" -> None (loading.auto_dtype: the checkpoint's half type on
-    CUDA, float32 on CPU)."""
+def torch_dtype(name: str, device: str, checkpoint=None):
+    """The dtype parameter -> a torch dtype. "auto": float32 on CPU; on CUDA the checkpoint's own half type
+    (loading.auto_dtype of `checkpoint`, a path or config), bfloat16 when none is given."""
     import torch
 
     if name not in _DTYPES:
         raise ValueError(f"parameter 'dtype' must be one of {_DTYPES}, got {name!r}")
-    return None if name == "auto" else getattr(torch, name)
+    if name == "auto":
+        if checkpoint is None or not str(device).startswith("cuda"):
+            return torch.bfloat16 if str(device).startswith("cuda") else torch.float32
+        from infmllm_ros.engine import loading
+
+        return loading.auto_dtype(checkpoint, device)
+    return getattr(torch, name)
 
 
 def sized_cache(params: dict, model, processor, device, dtype):
@@ -76,14 +82,15 @@ def make_session(params: dict) -> Any:
 
     model = str(params.get("model", "")).strip()
     device = str(params.get("device", "cpu"))
-    dtype = torch_dtype(str(params.get("dtype", "auto")), device)
+    dtype_name = str(params.get("dtype", "auto"))
+    torch_dtype(dtype_name, device)  # validate before loading anything
     system_prompt = str(params.get("system_prompt", "")) or None
     if model.startswith("tiny:"):
         from infmllm_ros.engine.tiny import tiny_model
 
         family, _, seed = model[len("tiny:"):].partition(":")
         m, proc = tiny_model(family, int(seed or 0))
-        dtype = dtype or loading.auto_dtype(m.config, device)
+        dtype = torch_dtype(dtype_name, device, m.config)
         m = m.to(device=device, dtype=dtype)
         cfg, _, _ = sized_cache(dict(params, **{"frame.tokens": 0, "frame.max_side": 0}), m, proc, device, dtype)
         return StreamingSession(m, proc, cache=cfg, device=device, dtype=dtype, system_prompt=system_prompt)
@@ -94,7 +101,7 @@ def make_session(params: dict) -> Any:
                              "Hugging Face id, a local directory or tiny:<family>")
     loading.check_source(model)
     n_params = memory.weight_params(model)
-    dtype = dtype or loading.auto_dtype(model, device)
+    dtype = torch_dtype(dtype_name, device, model)
     if n_params is not None:  # refuse before reading any weight
         memory.check_fits(n_params * torch.empty((), dtype=dtype).element_size(), device, "model weights")
     m, proc = loading.load(model, device=device, dtype=dtype)

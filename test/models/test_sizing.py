@@ -61,8 +61,11 @@ def test_errors_name_the_node_parameter_and_a_value_that_works():
 
 def test_dtype_parameter():
     import torch
+    from transformers import AutoConfig
 
-    assert session_factory.torch_dtype("auto", "cuda") is None  # resolved by loading.auto_dtype
+    half = AutoConfig.for_model("llava", dtype="float16")
+    assert session_factory.torch_dtype("auto", "cuda", half) is torch.float16  # the checkpoint's own half type
+    assert session_factory.torch_dtype("auto", "cpu", half) is torch.float32
     assert session_factory.torch_dtype("bfloat16", "cpu") is torch.bfloat16
     with pytest.raises(ValueError, match="parameter 'dtype'"):
         session_factory.torch_dtype("fp8", "cpu")
