@@ -88,3 +88,17 @@ def test_qwen_frame_tokens_follow_max_pixels(frame_tokens, fixture_dir):
     s.observe(np.asarray(VGA), 0.0)
     got = sum(1 for t in s.fed_ids if t in visual_ids(s))
     assert got == image_tokens_by_hand(name, frame_tokens) <= frame_tokens
+
+
+@pytest.mark.slow
+def test_smolvlm_splits_when_frame_tokens_allow(fixture_dir):
+    name = "SmolVLM-256M-Instruct"
+    s = session_factory.make_session(dict(NODE_DEFAULTS, model=str(fixture_dir(name)), **{"frame.tokens": 1024}))
+    s.trace = True
+    s.observe(np.asarray(VGA), 0.0)
+    got = sum(1 for t in s.fed_ids if t in visual_ids(s))
+    pre = {k: v for k, v in fixture_json(name, "preprocessor_config.json").items()
+           if k not in ("image_processor_type", "processor_class", "video_sampling")}
+    # by hand: splitting on at the checkpoint's own longest_edge 2048 -> 4x3 tiles + the global one, 64 tokens each
+    px = tf.Idefics3ImageProcessorPil(**pre)(VGA, do_image_splitting=True, return_tensors="pt")["pixel_values"]
+    assert got == px.shape[1] * 64 == 13 * 64 and s.tokens_per_frame <= 1024
