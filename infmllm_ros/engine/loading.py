@@ -6,6 +6,9 @@ video processor cannot be built without torchvision. We name the classes per fam
 
 from __future__ import annotations
 
+import importlib.util
+import logging
+import os
 from dataclasses import dataclass
 
 import torch
@@ -13,6 +16,8 @@ import transformers
 from transformers import AutoConfig
 
 from infmllm_ros.engine import processors
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -33,8 +38,38 @@ MODEL_TYPES: dict[str, FamilyClasses] = {
 }
 
 
+def looks_local(path: str) -> bool:
+    """A filesystem path rather than a hub id ("org/name"): absolute, relative, home-relative, or deeper than one /."""
+    return os.path.isabs(path) or path.startswith((".", "~")) or path.count("/") > 1 or os.path.exists(path)
+
+
+def check_source(path: str) -> None:
+    """One-line errors instead of HF's "Repo id must be in the form ..." for local paths that do not exist."""
+    p = os.path.expanduser(path)
+    if looks_local(path):
+        if not os.path.isdir(p):
+            raise FileNotFoundError(f"model directory {path!r} does not exist (parameter 'model')")
+        if not os.path.isfile(os.path.join(p, "config.json")):
+            raise FileNotFoundError(f"model directory {path!r} has no config.json (parameter 'model')")
+
+
 def model_type_of(path: str) -> str:
-    return AutoConfig.from_pretrained(path).model_type
+    check_source(path)
+    try:
+        return AutoConfig.from_pretrained(os.path.expanduser(path)).model_type
+    except OSError as e:  # hub id not in the local cache while offline, or unknown id
+        raise FileNotFoundError(f"cannot load model {path!r}: not a local directory and not loadable from the "
+                                f"Hugging Face cache/hub ({str(e).splitlines()[0]})") from None
+
+
+def auto_dtype(path_or_config, device) -> torch.dtype:
+    """dtype "auto": the checkpoint's own half type (bfloat16 / float16) on CUDA, bfloat16 if it says float32 or
+    nothing; float32 on CPU (half-precision matmuls are slow there and CPU runs are tests and demos)."""
+    if torch.device(device).type != "cuda":
+        return torch.float32
+    cfg = path_or_config if not isinstance(path_or_config, str) else AutoConfig.from_pretrained(path_or_config)
+    name = str(getattr(cfg, "dtype", None) or getattr(cfg, "torch_dtype", None) or "").replace("torch.", "")
+    return torch.float16 if name == "float16" else torch.bfloat16
 
 
 def classes_for(model_type: str) -> tuple[type, type]:
@@ -50,12 +85,27 @@ def classes_for(model_type: str) -> tuple[type, type]:
 
 def load_processor(path: str):
     _, proc_cls = classes_for(model_type_of(path))
-    return proc_cls.from_pretrained(path)
+    return proc_cls.from_pretrained(os.path.expanduser(path))
 
 
-def load(path: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, **model_kwargs):
-    """Load (model, processor) from a local dir or hub id; model in eval mode on `device`."""
+def load(path: str, device: str | torch.device = "cpu", dtype: torch.dtype | None = None, **model_kwargs):
+    """Load (model, processor) from a local dir or hub id; model in eval mode on `device`, dtype None = auto.
+
+    On CUDA with accelerate installed, weights are placed on the GPU while they are read (device_map), so the load
+    never holds a full CPU copy; without accelerate they are read to CPU, then moved (and a warning says so)."""
     model_cls, proc_cls = classes_for(model_type_of(path))
-    model = model_cls.from_pretrained(path, dtype=dtype, **model_kwargs).to(device).eval()
-    processor = proc_cls.from_pretrained(path)
+    local = os.path.expanduser(path)
+    dtype = dtype or auto_dtype(local, device)
+    device = torch.device(device)
+    if device.type == "cuda" and "device_map" not in model_kwargs:
+        if importlib.util.find_spec("accelerate") is not None:
+            model_kwargs["device_map"] = {"": str(device)}
+        else:
+            log.warning("accelerate is not installed: the weights pass through CPU memory before %s "
+                        "(pip install accelerate loads them straight to the GPU)", device)
+    model = model_cls.from_pretrained(local, dtype=dtype, **model_kwargs)
+    if "device_map" not in model_kwargs:
+        model = model.to(device)
+    model = model.eval()
+    processor = proc_cls.from_pretrained(local)
     return model, processor

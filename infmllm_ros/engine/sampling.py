@@ -20,11 +20,26 @@ def mask_logits(logits: torch.Tensor, suppress: torch.Tensor | None, allowed: li
     return out
 
 
+def penalize_repeats(logits: torch.Tensor, previous: list[int], penalty: float) -> torch.Tensor:
+    """transformers' RepetitionPenaltyLogitsProcessor over `previous` (this answer's tokens; HF also counts the
+    prompt, which here is the whole stream): positive logits / penalty, negative ones * penalty. In place."""
+    if penalty == 1.0 or not previous:
+        return logits
+    idx = torch.as_tensor(sorted(set(previous)), dtype=torch.long, device=logits.device)
+    picked = logits[idx]
+    logits[idx] = torch.where(picked > 0, picked / penalty, picked * penalty)
+    return logits
+
+
 def choose(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0,
-           generator: torch.Generator | None = None) -> int:
-    """Greedy when temperature <= 0; else sample from softmax(logits / T) restricted to the top-p nucleus."""
+           generator: torch.Generator | None = None, top_k: int = 0) -> int:
+    """Greedy when temperature <= 0; else sample from softmax(logits / T) within the top-k (0 = all) tokens and
+    the top-p nucleus."""
     if temperature <= 0.0:
         return int(torch.argmax(logits))
+    if 0 < top_k < logits.numel():
+        kth = torch.topk(logits, top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
     probs = torch.softmax(logits / temperature, dim=-1)
     if top_p < 1.0:
         sorted_p, order = torch.sort(probs, descending=True)

@@ -27,7 +27,7 @@ from infmllm_ros.cache import BoundedCache, CacheConfig
 from infmllm_ros.engine import frames, loading, memory
 from infmllm_ros.engine.adapters import Chunk, adapter_for
 from infmllm_ros.engine.errors import CacheFullError, InvalidFrameError, InvalidInstructionError
-from infmllm_ros.engine.sampling import choose, mask_logits
+from infmllm_ros.engine.sampling import choose, mask_logits, penalize_repeats
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +62,8 @@ class _Counters:
 class StreamingSession:
     def __init__(self, model, processor, cache: CacheConfig | None = None, *, device=None, dtype=None,
                  system_prompt: str | None = None, seed: int = 0, suppress_tokens=(), frame_max_side: int | None = None,
-                 frame_min_side: int | None = None, check_memory: bool = True, memory_headroom: float = 0.1,
+                 frame_min_side: int | None = None, frame_tokens: int | None = None, check_memory: bool = True,
+                 memory_headroom: float = 0.1,
                  trace: bool = False):
         self.cfg = cache if cache is not None else CacheConfig()
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
@@ -71,6 +72,12 @@ class StreamingSession:
         self.dtype = dtype or next(model.parameters()).dtype
         self.model, self.processor = model.eval(), processor
         self.adapter = adapter_for(model, processor)
+        # frame.tokens / frame.max_side -> the family's processor knobs; None keeps the adapter's stream defaults
+        self.adapter.configure_frames(frame_tokens, frame_max_side)
+        self.tokens_per_frame = self.adapter.frame_chunk_tokens(self.adapter.REFERENCE_SHAPES[0])
+        self.max_frame_tokens = max(self.adapter.frame_chunk_tokens(s) for s in self.adapter.REFERENCE_SHAPES)
+        log.info("%s: %d tokens per 640x480 frame (at most %d over the reference shapes)",
+                 type(self.adapter).__name__, self.tokens_per_frame, self.max_frame_tokens)
         self.tokenizer = processor.tokenizer
         # an answer's closing text may have to wait in the cache beside the answer (see the module docstring)
         self.answer_tail = len(self.adapter.encode(self.adapter.close_text()))
@@ -86,6 +93,11 @@ class StreamingSession:
         self.suppress = torch.tensor(sorted(set(suppress_tokens) | set(self.adapter.never_generate())),
                                      dtype=torch.long, device=self.device)
         self.eos_ids = self._eos_ids()
+        # the checkpoint's own generation_config values (only those it sets; HF's implicit top_k=50 is not applied)
+        gen = getattr(model, "generation_config", None)
+        gen = gen.to_diff_dict() if gen is not None else {}
+        self.top_k = int(gen.get("top_k") or 0)
+        self.repetition_penalty = float(gen.get("repetition_penalty") or 1.0)
         self.generator = torch.Generator().manual_seed(seed)
         self._prefix_ids = self._truncate(self.adapter.encode(self.adapter.prefix_text(system_prompt)),
                                           self.cfg.max_chunk, "system prompt")
@@ -96,7 +108,7 @@ class StreamingSession:
                         check_memory: bool = True, memory_headroom: float = 0.1, **kwargs) -> StreamingSession:
         """Load a local dir or hub id; refuse before loading if weights + KV budget cannot fit the device."""
         cfg = cache if cache is not None else CacheConfig()
-        dtype = dtype or (torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32)
+        dtype = dtype or loading.auto_dtype(loading.check_source(path) or path, device)
         if check_memory:
             from transformers import AutoConfig
 
@@ -123,8 +135,9 @@ class StreamingSession:
         chunk = self.adapter.encode_images(self.adapter.frame_text(float(stamp) - origin), [img])
         if chunk.length > self.cfg.max_chunk:
             raise InvalidFrameError(
-                f"one frame is {chunk.length} tokens > cache max_chunk {self.cfg.max_chunk}; raise "
-                f"CacheConfig.max_chunk or lower frame_max_side (now {self.frame_max_side})")
+                f"one frame is {chunk.length} tokens > cache max_chunk {self.cfg.max_chunk}: set node parameter "
+                f"cache.max_chunk to {chunk.length} or more (0 = auto), or lower frame.tokens / frame.max_side "
+                f"(CacheConfig.max_chunk / frame_tokens / frame_max_side in Python)")
         if len(self._pending) + chunk.length > self.cfg.max_chunk:
             self._feed_pending_ahead(chunk.length)
         self._prefill(self._with_pending(chunk))
@@ -182,7 +195,8 @@ class StreamingSession:
                 if output_logits:
                     steps.append(logits.float().cpu())
                 allowed = allowed_tokens_fn(list(tokens)) if allowed_tokens_fn is not None else None
-                tok = choose(mask_logits(logits, self.suppress, allowed), temperature, top_p, self.generator)
+                masked = penalize_repeats(mask_logits(logits, self.suppress, allowed), tokens, self.repetition_penalty)
+                tok = choose(masked, temperature, top_p, self.generator, self.top_k)
                 tokens.append(tok)
                 if len(tokens) == 1:
                     first_token_s = time.perf_counter() - t0
@@ -235,7 +249,7 @@ class StreamingSession:
                     last_stamp=c.last_stamp, last_frame_tokens=c.last_frame_tokens,
                     last_frame_latency_s=c.last_frame_latency_s, last_question_tokens=c.last_question_tokens,
                     last_answer_latency_s=c.last_answer_latency_s, last_first_token_s=c.last_first_token_s,
-                    truncations=c.truncations, cache=cs)
+                    truncations=c.truncations, tokens_per_frame=self.tokens_per_frame, cache=cs)
 
     @property
     def fed_ids(self) -> list[int]:

@@ -21,7 +21,8 @@ _DTYPES = ("auto", "float32", "float16", "bfloat16")
 
 
 def cache_config_kwargs(params: dict) -> dict:
-    """``cache.*`` parameters -> CacheConfig keyword arguments (only the fields CacheConfig has)."""
+    """``cache.*`` parameters -> CacheConfig keyword arguments (only the fields CacheConfig has). 0 in
+    ``cache.budget`` / ``cache.max_chunk`` / ``cache.window`` means automatic (see memory.size_cache)."""
     from infmllm_ros.cache import CacheConfig
 
     fields = {f.name for f in dataclasses.fields(CacheConfig)}
@@ -32,39 +33,81 @@ def cache_config_kwargs(params: dict) -> dict:
     return out
 
 
-def torch_dtype(name: str, device: str):
+def torch_dtype(name: str, device: str, checkpoint=None):
+    """The dtype parameter -> a torch dtype. "auto": float32 on CPU; on CUDA the checkpoint's own half type
+    (loading.auto_dtype of `checkpoint`, a path or config), bfloat16 when none is given."""
     import torch
 
     if name not in _DTYPES:
-        raise ValueError(f"dtype must be one of {_DTYPES}, got {name!r}")
+        raise ValueError(f"parameter 'dtype' must be one of {_DTYPES}, got {name!r}")
     if name == "auto":
-        return torch.bfloat16 if str(device).startswith("cuda") else torch.float32
+        if checkpoint is None or not str(device).startswith("cuda"):
+            return torch.bfloat16 if str(device).startswith("cuda") else torch.float32
+        from infmllm_ros.engine import loading
+
+        return loading.auto_dtype(checkpoint, device)
     return getattr(torch, name)
 
 
-def make_session(params: dict) -> Any:
-    """The real session, from the node's parameters (model, device, dtype, cache.*, system_prompt)."""
+def sized_cache(params: dict, model, processor, device, dtype):
+    """CacheConfig for this model with the automatic sizes resolved, and the frame settings it was sized for."""
     from infmllm_ros.cache import CacheConfig
-    from infmllm_ros.engine import StreamingSession
+    from infmllm_ros.engine import memory
+    from infmllm_ros.engine.adapters import adapter_for
+
+    frame_tokens = int(params.get("frame.tokens", 256)) or None
+    max_side = int(params.get("frame.max_side", 0)) or None
+    adapter = adapter_for(model, processor)
+    adapter.configure_frames(frame_tokens, max_side)
+    tpf = adapter.frame_chunk_tokens(adapter.REFERENCE_SHAPES[0])
+    worst = max(adapter.frame_chunk_tokens(s) for s in adapter.REFERENCE_SHAPES)
+    kw = memory.size_cache(cache_config_kwargs(params), tokens_per_frame=tpf, max_frame_tokens=worst,
+                           budget_frames=int(params.get("cache.budget_frames", 8)), model_config=model.config,
+                           dtype=dtype, device=device)
+    try:
+        cfg = CacheConfig(**kw)
+    except ValueError as e:  # CacheConfig names its fields; the node user sets cache.<field>
+        raise ValueError(f"node parameters cache.*: {e}") from None
+    return cfg, frame_tokens, max_side
+
+
+def make_session(params: dict) -> Any:
+    """The real session, from the node's parameters (model, device, dtype, frame.*, cache.*, system_prompt).
+
+    Real checkpoints get frame.tokens / frame.max_side; ``tiny:`` models keep their fixed small frames (they are
+    test models) but the cache is sized the same way."""
+    import torch
+
+    from infmllm_ros.engine import StreamingSession, loading, memory
 
     model = str(params.get("model", "")).strip()
     device = str(params.get("device", "cpu"))
-    dtype = torch_dtype(str(params.get("dtype", "float32")), device)
-    cache = CacheConfig(**cache_config_kwargs(params))
+    dtype_name = str(params.get("dtype", "auto"))
+    torch_dtype(dtype_name, device)  # validate before loading anything
     system_prompt = str(params.get("system_prompt", "")) or None
     if model.startswith("tiny:"):
         from infmllm_ros.engine.tiny import tiny_model
 
         family, _, seed = model[len("tiny:"):].partition(":")
         m, proc = tiny_model(family, int(seed or 0))
-        return StreamingSession(m, proc, cache=cache, device=device, dtype=dtype, system_prompt=system_prompt)
+        dtype = torch_dtype(dtype_name, device, m.config)
+        m = m.to(device=device, dtype=dtype)
+        cfg, _, _ = sized_cache(dict(params, **{"frame.tokens": 0, "frame.max_side": 0}), m, proc, device, dtype)
+        return StreamingSession(m, proc, cache=cfg, device=device, dtype=dtype, system_prompt=system_prompt)
     if not model:
         model = embedded_model()
         if not model:
             raise ValueError("parameter 'model' is empty and no embedded model ships with this install: set a "
                              "Hugging Face id, a local directory or tiny:<family>")
-    return StreamingSession.from_pretrained(model, cache=cache, device=device, dtype=dtype,
-                                            system_prompt=system_prompt)
+    loading.check_source(model)
+    n_params = memory.weight_params(model)
+    dtype = torch_dtype(dtype_name, device, model)
+    if n_params is not None:  # refuse before reading any weight
+        memory.check_fits(n_params * torch.empty((), dtype=dtype).element_size(), device, "model weights")
+    m, proc = loading.load(model, device=device, dtype=dtype)
+    cfg, frame_tokens, max_side = sized_cache(params, m, proc, device, dtype)
+    return StreamingSession(m, proc, cache=cfg, device=device, dtype=dtype, system_prompt=system_prompt,
+                            frame_tokens=frame_tokens, frame_max_side=max_side)
 
 
 def embedded_model() -> str:

@@ -65,9 +65,32 @@ class Adapter:
     image_placeholder = "<image>"
     image_kwargs: dict = {}  # extra processor kwargs for frames
 
+    # Frame shapes measured at configure: the first is the reported size (a VGA camera), the others bound the
+    # chunk a frame of another aspect ratio can take.
+    REFERENCE_SHAPES = ((480, 640), (640, 480), (720, 1280), (1280, 720))
+
     def __init__(self, model, processor):
         self.model, self.processor, self.tokenizer = model, processor, processor.tokenizer
         self.turns = self.make_turns()
+        self.image_kwargs = dict(self.image_kwargs)  # per instance: configure_frames may change it
+        self.frame_tokens: int | None = None  # target tokens per frame (node parameter frame.tokens); None = default
+        self.max_side: int | None = None  # longer side frames are resized to first (frame.max_side); None = derived
+
+    # -- frame size ----------------------------------------------------------------------------------------------
+    def configure_frames(self, tokens: int | None = None, max_side: int | None = None) -> None:
+        """Map the node's frame.tokens / frame.max_side onto this family's processor knobs. Base: one fixed-size
+        tile per frame (LLaVA-1.5), so only max_side applies and the token count is what the model needs."""
+        self.frame_tokens, self.max_side = tokens or None, max_side or None
+
+    def frame_chunk_tokens(self, shape: tuple[int, int]) -> int:
+        """Chunk length of one frame of `shape` (h, w) at stamp 0, text wrappers included (processor only)."""
+        import numpy as np
+
+        from infmllm_ros.engine import frames
+
+        lo, hi = self.frame_bounds()
+        img = frames.fit(np.full((*shape, 3), 128, np.uint8), lo, hi)
+        return self.encode_images(self.frame_text(0.0), [img]).length
 
     # -- chat pieces ---------------------------------------------------------------------------------------------
     def make_turns(self) -> Turns:
@@ -146,7 +169,7 @@ class Adapter:
 
     def frame_bounds(self) -> tuple[int, int]:
         """(min_side, max_side) frames are resized into before the processor."""
-        return 8, 2 * self.tile_size()
+        return 8, self.max_side or 2 * self.tile_size()
 
     def language_model(self):
         return self.model.model.language_model
