@@ -165,6 +165,7 @@ class Outputs:
             "tokens_budget": pick("budget", "tokens_budget", default=n.p.get("cache.budget", 0)),
             "tokens_seen": pick("seen", "tokens_seen"),
             "kv_bytes": pick("kv_bytes"),
+            "tokens_per_frame": pick("tokens_per_frame"),
             "evictions": pick("evictions"),
             "frames_in": c.get("frames_in", 0),
             "frames_used": c.get("frames_used", 0),

@@ -75,8 +75,7 @@ def _max_chunk(v) -> str | None:
 
 
 _DUR = ("volatile", "transient_local")
-# cache.budget / cache.window / cache.max_chunk accept 0 (= auto, agreed with session_factory.make_session); their
-# defaults stay explicit until make_session resolves 0 (then they become 0 here and in config/robot.yaml).
+# cache.budget / cache.window / cache.max_chunk: 0 = automatic (resolved by session_factory.make_session).
 TABLE: tuple[Param, ...] = (
     Param("autostart", True, "main() configures and activates the node at start", when="start"),
     Param("model", "", "HF id, local directory, tiny:<family>[:seed], or empty for the embedded model"),
@@ -88,7 +87,7 @@ TABLE: tuple[Param, ...] = (
     Param("frame.tokens", 256, "target image tokens per frame", lo=1, hi=65536),
     Param("frame.max_side", 0, "longest image side fed to the model in pixels; 0 = from frame.tokens", lo=0, hi=16384),
     Param("cache.policy", "saddle", "eviction policy", choices=("saddle", "streaming_llm", "h2o", "full")),
-    Param("cache.budget", 512, "tokens stored per layer after each eviction; 0 = auto (cache.budget_frames)",
+    Param("cache.budget", 0, "tokens stored per layer after each eviction; 0 = auto (cache.budget_frames)",
           lo=0, hi=1 << 20),
     Param("cache.budget_frames", 8, "frames the auto budget holds (cache.budget 0)", lo=1, hi=4096),
     Param("cache.recent", 64, "newest tokens always kept", lo=0, hi=1 << 20),
@@ -99,7 +98,7 @@ TABLE: tuple[Param, ...] = (
     Param("cache.bias_strength", 1.0, "strength of cache.bias; 0 = off", lo=0.0, hi=1000.0),
     Param("cache.positions", "reindex", "reindex (bounded positions) or absolute (test oracle)",
           choices=("reindex", "absolute")),
-    Param("cache.max_chunk", 256, "largest prefill chunk in tokens; 0 = auto (from the model and frame.tokens)",
+    Param("cache.max_chunk", 0, "largest prefill chunk in tokens; 0 = auto (from the model and frame.tokens)",
           lo=0, hi=1 << 20, extra=_max_chunk),
     Param("frame_rate", 1.0, "frames per second entering the session (newest wins)", when="live", lo=1e-3, hi=1000.0),
     Param("max_decode_s", 2.0, "seconds one JPEG/PNG decode may take; a slower one is stopped and the frame "
