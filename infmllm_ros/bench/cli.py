@@ -16,6 +16,8 @@ COMMANDS = {
     "report": ("infmllm_ros.bench.report", "regenerate docs/BENCHMARKS.md from the JSON results"),
     "train-vlm": ("infmllm_ros.bench.train_vlm", "train the embedded robot VLM on the synthetic world (time-boxed)"),
     "recall": ("infmllm_ros.bench.recall", "accuracy vs distance on held-out world episodes, per cache policy"),
+    "actions": ("infmllm_ros.bench.actions", "action constraint set-up and per-action cost, xgrammar vs lmfe"),
+    "real-size": ("infmllm_ros.bench.real_size", "SmolVLM-256M / Qwen2-VL-2B shapes: session vs plain transformers"),
 }
 
 # `all`: every measurement on the committed models, then the report. The trainers are left out on purpose

@@ -414,7 +414,8 @@ class InfMLLMNode(LifecycleNode):
             try:
                 t0 = time.monotonic()
                 self.constraint = ActionConstraint(self.spec, tok)
-                self.get_logger().info(f"action constraint ready in {time.monotonic() - t0:.2f} s")
+                self.get_logger().info(f"action constraint ({self.constraint.backend}) ready in "
+                                       f"{time.monotonic() - t0:.2f} s {self.constraint.fallback_reason}")
             except Exception as e:
                 self._constraint_error = f"{type(e).__name__}: {e}"
         if self.constraint is None:
