@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -152,7 +153,9 @@ def main(argv=None):
             row = run_one(size, backend, args.sampled if backend == "xgrammar" else args.lmfe_sampled)
             print(json.dumps(row), flush=True)
             rows.append(row)
-    result = {"bench": "actions", "machine": machine(), "machine_note": "shared 2-core AMD EPYC, 24 GiB, no GPU",
+    result = {"bench": "actions", "kind": "actions", "threads": args.threads,
+              "command": "infmllm-bench actions " + " ".join(argv if argv is not None else sys.argv[1:]),
+              "machine": machine(), "machine_note": "shared 2-core AMD EPYC, 24 GiB, no GPU",
               "commit": git_commit(), "goal_ms_per_action_at_128k": 5.0, "rows": rows}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1) + "\n")
@@ -162,3 +165,45 @@ def main(argv=None):
 
 if __name__ == "__main__":
     raise SystemExit(main())
+
+
+def markdown(res: dict) -> str:
+    lines = [f"Machine: {res.get('machine_note', '')} (load average {res['machine'].get('load_avg_1min')} at the "
+             f"start, torch threads {res.get('threads', 1)}). Synthetic byte-level BPE vocabularies (big_vocab.py); "
+             "per action = the constraint's work over every token of 5 fixed actions (move, look, stop, skill, "
+             "none), minus the unconstrained masking. CPU = thread time (not inflated by preemption on this shared "
+             f"machine). Goal: < {res.get('goal_ms_per_action_at_128k', 5)} ms per action at 128K.", "",
+             "| vocab | backend | set-up s | tokens/action | CPU ms/action | wall ms/action | median step ms x tokens "
+             "| worst step ms | sampled actions: CPU ms/action (tokens) |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in res["rows"]:
+        sampled = (f"{r['sampled_mean_cpu_overhead_ms_per_action']:.1f} ({r['sampled_mean_tokens_per_action']})"
+                   if r.get("sampled_mean_cpu_overhead_ms_per_action") is not None else "-")
+        cells = [r["vocab_size"], r["backend"], f"{r['setup_s']:.2f}", r["forced_mean_tokens_per_action"],
+                 f"{r['forced_mean_cpu_overhead_ms_per_action']:.2f}", f"{r['forced_mean_overhead_ms_per_action']:.2f}",
+                 f"{r['median_based_overhead_ms_per_action']:.2f}", f"{r['worst_step_ms']:.1f}", sampled]
+        lines.append("| " + " | ".join(map(str, cells)) + " |")
+    return "\n".join(lines)
+
+
+def plot(res: dict, png) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.6))
+    for backend, off in (("xgrammar", -0.2), ("lmfe", 0.2)):
+        rows = [r for r in res["rows"] if r["backend"] == backend]
+        xs = [i + off for i in range(len(rows))]
+        a.bar(xs, [r["setup_s"] for r in rows], 0.4, label=backend)
+        b.bar(xs, [r["forced_mean_cpu_overhead_ms_per_action"] for r in rows], 0.4, label=backend)
+    names = [r["vocab"] for r in res["rows"] if r["backend"] == "xgrammar"]
+    for ax, title in ((a, "set-up (s)"), (b, "grammar CPU ms per action")):
+        ax.set_xticks(range(len(names)), names)
+        ax.set_title(title)
+        ax.legend()
+    b.axhline(res.get("goal_ms_per_action_at_128k", 5), color="k", ls="--", lw=0.8)
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    plt.close(fig)

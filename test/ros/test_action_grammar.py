@@ -69,6 +69,10 @@ def test_padded_logits_and_special_ids_never_allowed(big):
         assert torch.isfinite(logits[t]), (tok.decode(ids), tok.decode([t]))  # the real answer stays allowed
         assert not torch.isfinite(logits[len(tok):]).any()
         assert not torch.isfinite(logits[[i for i in tok.all_special_ids]]).any()
+        ref = torch.zeros(width)  # oracle: xgrammar's own kernel on the same bitmask (+ the padding rule)
+        mask._xgr.apply_token_bitmask_inplace(ref.view(1, -1), mask.bitmask, vocab_size=len(tok))
+        ref[len(tok):] = float("-inf")
+        assert torch.equal(logits, ref)
         # the id-list interface agrees with the in-place mask (a fresh mask over the same prefix)
         listed = c.allowed_tokens_fn()(ids)
         assert listed == torch.nonzero(torch.isfinite(logits[: len(tok)])).flatten().tolist()
