@@ -3,7 +3,7 @@ side: the session (saddle, streaming_llm) against plain transformers with a Dyna
 context, and against re-prefilling the last K frames per question (the sliding-window baseline).
 
 Per method and stream length: observe time per frame (vision tower vs the rest = prefill), decode time per
-token, latency per question and peak RSS (each run in its own process, so ru_maxrss is that run's peak). The same
+token, latency per question and peak RSS (each run in its own process; VmHWM is that run's peak). The same
 run measures this machine's memory bandwidth (a large tensor copy) and reports decode step /
 ((weight bytes + kept KV bytes) / bandwidth): 1.0 is the bandwidth limit of a memory-bound decode step. It also
 profiles one session decode step and one evicting observe with torch.profiler.
@@ -237,6 +237,15 @@ def run_plain(model, proc, method: str, n_frames: int, k_frames: int, questions:
                 profile={})
 
 
+def _peak_rss_mib() -> float:
+    """This process image's peak RSS. Not ru_maxrss: that survives fork + exec and so holds the parent's peak
+    (its 2 GiB bandwidth buffers)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return round(int(line.split()[1]) / 1024, 1)
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
 def child(args) -> dict:
     """One (shape, method, frames) run in this process; prints one JSON line."""
     import statistics
@@ -259,7 +268,7 @@ def child(args) -> dict:
                observe_ms=round(med(r["obs"]) * 1e3, 1), vision_ms=round(med(r["vis"]) * 1e3, 1),
                prefill_ms=round((med(r["obs"]) - med(r["vis"])) * 1e3, 1),
                decode_ms_per_token=round(med(r["decode"]) * 1e3, 2), question_ms=round(med(r["asks"]) * 1e3, 1),
-               peak_rss_mib=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+               peak_rss_mib=_peak_rss_mib(), peak_rss_source="VmHWM",
                kept_tokens=r["kept_tokens"], kept_kv_bytes=kept_kv, tokens_per_frame=r["tokens_per_frame"],
                weight_bytes=_weight_bytes(model), decode_weight_bytes=_text_weight_bytes(model), profile=r["profile"])
     print("RESULT " + json.dumps(out), flush=True)
@@ -314,7 +323,9 @@ def main(argv=None):
                 row["wall_s"] = round(time.perf_counter() - t0, 1)
                 print(json.dumps({k: v for k, v in row.items() if k != "profile"}), flush=True)
                 rows.append(row)
-    result = dict(bench="real-size", machine=machine(), machine_note="shared 2-core AMD EPYC, 24 GiB, no GPU",
+    command = "infmllm-bench real-size " + " ".join(argv if argv is not None else sys.argv[1:])
+    result = dict(bench="real-size", kind="real_size", command=command.strip(), machine=machine(),
+                  machine_note="shared 2-core AMD EPYC, 24 GiB, no GPU",
                   commit=git_commit(), bandwidth_gb_s=round(bandwidth, 2), args={k: v for k, v in vars(args).items()
                                                                                  if k not in ("out",)}, rows=rows)
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -325,3 +336,56 @@ def main(argv=None):
 
 if __name__ == "__main__":
     raise SystemExit(main())
+
+
+def markdown(res: dict) -> str:
+    a = res["args"]
+    lines = [f"Machine: {res.get('machine_note', '')}; copy bandwidth {res['bandwidth_gb_s']} GB/s. Random weights "
+             f"at the published widths, {a['text_layers']} text / {a['vision_layers']} vision layers (cut), "
+             f"fp32, 640x480 frames, session budget {a['budget']} tokens, re-prefill keeps the last {a['k_frames']} "
+             f"frames, {a['questions']} questions per stream, {a['new_tokens']} new tokens each, torch threads "
+             f"{a['threads']}. Stream lengths {a['frames']} (the issue asks 8, 32, 128: hours on this machine). "
+             "Observe = vision + prefill (the re-prefill baseline does its vision and prefill inside the question). "
+             "Peak = the run's own process VmHWM (rows without it used ru_maxrss, which held the parent's 2 GiB "
+             "bandwidth buffers: shown as n/a). Bandwidth limit = (decode-read weight bytes + kept KV "
+             "bytes) / copy bandwidth.", "",
+             "| shape | method | frames | observe ms (vision + prefill) | decode ms/token | question ms | peak RSS MiB "
+             "| kept tokens | decode / bandwidth limit |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in res["rows"]:
+        if "error" in r:
+            lines.append(f"| {r['shape']} | {r['method']} | {r['frames']} | failed: {r['error'][-120:]!r} |||||")
+            continue
+        peak = r["peak_rss_mib"] if r.get("peak_rss_source") else "n/a"
+        lines.append(f"| {r['shape']} | {r['method']} | {r['frames']} | {r['observe_ms']:.0f} ({r['vision_ms']:.0f} + "
+                     f"{r['prefill_ms']:.0f}) | {r['decode_ms_per_token']:.1f} | {r['question_ms']:.0f} | "
+                     f"{peak} | {r['kept_tokens']} | {r['decode_over_limit']:.2f} |")
+    for r in res["rows"]:
+        for name, ops in (r.get("profile") or {}).items():
+            lines += ["", f"Profile, {r['shape']} {r['method']} {r['frames']} frames, {name} (top ops, self CPU):",
+                      ", ".join(f"{o['op']} {o['self_ms']:.1f} ms x{o['calls']}" for o in ops[:8])]
+    return "\n".join(lines)
+
+
+def plot(res: dict, png) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shapes = sorted({r["shape"] for r in res["rows"]})
+    fig, axes = plt.subplots(len(shapes), 2, figsize=(10, 3.4 * len(shapes)), squeeze=False)
+    for row, shape in zip(axes, shapes, strict=True):
+        for method in METHODS:
+            pts = sorted((r["frames"], r) for r in res["rows"] if r["shape"] == shape and r["method"] == method
+                         and "error" not in r)
+            if pts:
+                row[0].plot([f for f, _ in pts], [r["question_ms"] for _, r in pts], "o-", label=method)
+                row[1].plot([f for f, _ in pts], [r["decode_ms_per_token"] for _, r in pts], "o-", label=method)
+        row[0].set_title(f"{shape}: latency per question (ms)")
+        row[1].set_title(f"{shape}: decode ms per token")
+        for ax in row:
+            ax.set_xlabel("frames seen")
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    plt.close(fig)

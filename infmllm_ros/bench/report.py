@@ -12,12 +12,14 @@ import json
 import os
 from pathlib import Path
 
-from infmllm_ros.bench import cache_cost_view, common, cost, metrics, recall, text_ppl, train_lm
+from infmllm_ros.bench import actions, cache_cost_view, common, cost, metrics, real_size, recall, text_ppl, train_lm
 
-RENDERERS = {"train_lm": train_lm, "text_ppl": text_ppl, "cost": cost, "cache_cost": cache_cost_view, "recall": recall}
-ORDER = ["train_lm", "text_ppl", "cost", "cache_cost", "recall"]
+RENDERERS = {"train_lm": train_lm, "text_ppl": text_ppl, "cost": cost, "cache_cost": cache_cost_view, "recall": recall,
+             "actions": actions, "real_size": real_size}
+ORDER = ["train_lm", "text_ppl", "cost", "cache_cost", "recall", "real_size", "actions"]
 TITLES = {"train_lm": "Model", "text_ppl": "Quality", "cost": "Cost", "cache_cost": "Cache cost",
-          "recall": "Recall vs distance"}
+          "recall": "Recall vs distance", "real_size": "Real-size shapes vs plain transformers",
+          "actions": "Constrained actions"}
 SETUP = ["apt-get install -y bible-kjv            # the KJV text (Debian bible-kjv + bible-kjv-text), as root",
          "pip install -e . && pip install matplotlib"]
 
