@@ -286,7 +286,8 @@ def main(argv=None):
     p.add_argument("--k-frames", type=int, default=4, help="frames the re-prefill baseline keeps")
     p.add_argument("--questions", type=int, default=2, help="questions per stream")
     p.add_argument("--new-tokens", type=int, default=6)
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads (1: 2 threads stall on a shared 2-core machine, decode 130 vs 37 ms seen)")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT / "real_size.json")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--shape", help=argparse.SUPPRESS)
