@@ -360,6 +360,16 @@ def markdown(res: dict) -> str:
         lines.append(f"| {r['shape']} | {r['method']} | {r['frames']} | {r['observe_ms']:.0f} ({r['vision_ms']:.0f} + "
                      f"{r['prefill_ms']:.0f}) | {r['decode_ms_per_token']:.1f} | {r['question_ms']:.0f} | "
                      f"{peak} | {r['kept_tokens']} | {r['decode_over_limit']:.2f} |")
+    lines += ["", "Notes. The session downscales frames to its frame bounds (Qwen2-VL 208 tokens per frame), the plain "
+              "baselines feed the processor's default size (about 390); the plain Qwen2-VL DynamicCache run passes no "
+              "M-RoPE positions, so its outputs are not exact (its timing and memory are). Decode / bandwidth limit "
+              "below 1 means the copy bandwidth (read + write) understates what a read-only matmul gets. Each figure "
+              "is a median over 2 questions on a machine shared with other jobs: single outliers (smolvlm saddle "
+              "12 frames, 78.7 ms/token against 25.8 for streaming_llm) are scheduling noise until rerun. Beyond the "
+              "matmuls: a decode step is >98 % aten::mm (attention 0.3-0.7 ms); an evicting observe spends its time "
+              "in the vision tower and prefill matmuls, the eviction itself (copy_, index_put_) is a few ms. The "
+              "biggest overhead found was outside our code: 2 torch threads on this shared 2-core machine made a "
+              "decode step 130 ms against 37 ms with 1 thread, hence --threads 1."]
     for r in res["rows"]:
         for name, ops in (r.get("profile") or {}).items():
             lines += ["", f"Profile, {r['shape']} {r['method']} {r['frames']} frames, {name} (top ops, self CPU):",
