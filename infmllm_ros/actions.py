@@ -9,7 +9,7 @@ Pipeline (see ``docs/ros.md``)::
 
     ActionSpec.from_yaml("config/actions.yaml")
       -> spec.json_schema()                         # JSON schema of the allowed actions
-      -> ActionConstraint(spec, tokenizer).allowed_tokens_fn()   # lm-format-enforcer, per answer
+      -> ActionConstraint(spec, tokenizer).allowed_tokens_fn()   # action_grammar.py: xgrammar bitmask, per answer
       -> session.ask(prompt, allowed_tokens_fn=...)  # the model can only write schema-valid JSON
       -> ActionValidator(spec).validate(text)        # parse -> validate -> clamp (never trusts the decoder)
       -> MotionGate.command(action, now)             # armed? within limits? -> (linear_x, angular_z) or None
@@ -24,6 +24,8 @@ import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from infmllm_ros.action_grammar import ActionConstraint  # re-exported: the node and tests import it from here
 
 __all__ = [
     "Action",
@@ -376,63 +378,3 @@ class MotionGate:
     def active(self) -> bool:
         with self._lock:
             return self._cmd is not None
-
-
-# --------------------------------------------------------------------------------------------- constrained decoding
-
-
-def _regular_tokens(tokenizer, vocab_size: int) -> list[tuple[int, str, bool]]:
-    """(token_id, text, starts_a_word) for every non-special token: lm-format-enforcer's transformers integration
-    logic (its module cannot be imported under transformers 5: it imports the removed ``tokenization_utils``)."""
-    special = set(tokenizer.all_special_ids)
-    token_0 = tokenizer.encode("0", add_special_tokens=False)[-1]
-    out = []
-    for idx in range(vocab_size):
-        if idx in special:
-            continue
-        after_0 = tokenizer.decode([token_0, idx])[1:]
-        alone = tokenizer.decode([idx])
-        out.append((idx, after_0, len(after_0) > len(alone)))
-    return out
-
-
-class ActionConstraint:
-    """Builds ``allowed_tokens_fn(generated_ids) -> list[int]`` for a HF tokenizer from the action schema.
-
-    Built once per tokenizer (it walks the vocabulary); :meth:`allowed_tokens_fn` returns a fresh function per
-    answer (the enforcer caches states per prefix). ``max_whitespace`` bounds consecutive whitespace in the JSON.
-    """
-
-    def __init__(self, spec: ActionSpec, tokenizer, vocab_size: int | None = None, max_whitespace: int = 2):
-        from lmformatenforcer import JsonSchemaParser
-        from lmformatenforcer.tokenenforcer import TokenEnforcerTokenizerData
-
-        self.spec = spec
-        self.schema = spec.json_schema()
-        self._parser_cls = JsonSchemaParser
-        vocab_size = vocab_size or len(tokenizer)
-        eos = tokenizer.eos_token_id
-        if eos is None:
-            raise ValueError("the tokenizer has no eos_token_id: constrained decoding could never end")
-
-        def decode(ids: list[int]) -> str:
-            return tokenizer.decode(ids).rstrip("\ufffd")
-
-        self._data = TokenEnforcerTokenizerData(_regular_tokens(tokenizer, vocab_size), decode, eos, False,
-                                                vocab_size)
-        self.eos_token_id = eos
-        self.max_whitespace = int(max_whitespace)
-
-    def allowed_tokens_fn(self):
-        from lmformatenforcer.tokenenforcer import TokenEnforcer
-
-        parser = self._parser_cls(self.schema)
-        enforcer = TokenEnforcer(self._data, parser)  # sets parser.config (shared by every derived parser state)
-        # at most this many consecutive whitespace characters between JSON tokens (library default 12): a model
-        # cannot spend its action token budget on indentation and then be cut off mid-object
-        parser.config.max_consecutive_whitespaces = self.max_whitespace
-
-        def fn(generated_ids) -> list[int]:
-            return list(enforcer.get_allowed_tokens(list(generated_ids)).allowed_tokens)
-
-        return fn

@@ -19,6 +19,8 @@ COMMANDS = {
     "recall": ("infmllm_ros.bench.recall", "accuracy vs distance on held-out world episodes, per cache policy"),
     "window-compare": ("infmllm_ros.bench.window_compare", "saddle retrieval window 0 vs 32, side by side"),
     "gpu-check": ("infmllm_ros.bench.gpu_check", "kernels vs references, 1M-token stream, decode vs HBM (CUDA)"),
+    "actions": ("infmllm_ros.bench.actions", "action constraint set-up and per-action cost, xgrammar vs lmfe"),
+    "real-size": ("infmllm_ros.bench.real_size", "SmolVLM-256M / Qwen2-VL-2B shapes: session vs plain transformers"),
 }
 
 # `all`: every measurement on the committed models, then the report. The trainers are left out on purpose

@@ -13,11 +13,13 @@ import os
 from pathlib import Path
 
 from infmllm_ros.bench import (
+    actions,
     cache_cost_view,
     common,
     cost,
     gpu_check,
     metrics,
+    real_size,
     recall,
     text_ppl,
     train_lm,
@@ -25,10 +27,12 @@ from infmllm_ros.bench import (
 )
 
 RENDERERS = {"train_lm": train_lm, "text_ppl": text_ppl, "cost": cost, "cache_cost": cache_cost_view, "recall": recall,
-             "window_compare": window_compare, "gpu_check": gpu_check}
-ORDER = ["train_lm", "text_ppl", "cost", "cache_cost", "recall", "window_compare", "gpu_check"]
+             "window_compare": window_compare, "real_size": real_size, "actions": actions, "gpu_check": gpu_check}
+ORDER = ["train_lm", "text_ppl", "cost", "cache_cost", "recall", "window_compare", "real_size", "actions", "gpu_check"]
 TITLES = {"train_lm": "Model", "text_ppl": "Quality", "cost": "Cost", "cache_cost": "Cache cost",
-          "recall": "Recall vs distance", "window_compare": "Retrieval window", "gpu_check": "GPU check"}
+          "recall": "Recall vs distance", "window_compare": "Retrieval window",
+          "real_size": "Real-size shapes vs plain transformers", "actions": "Constrained actions",
+          "gpu_check": "GPU check"}
 SETUP = ["apt-get install -y bible-kjv            # the KJV text (Debian bible-kjv + bible-kjv-text), as root",
          "pip install -e . && pip install matplotlib"]
 

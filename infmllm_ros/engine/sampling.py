@@ -5,9 +5,13 @@ from __future__ import annotations
 import torch
 
 
-def mask_logits(logits: torch.Tensor, suppress: torch.Tensor | None, allowed: list[int] | None) -> torch.Tensor:
-    """logits (V,) fp32 -> masked copy; `allowed` (if given) wins over everything else except `suppress`."""
+def mask_logits(logits: torch.Tensor, suppress: torch.Tensor | None, allowed: list[int] | None,
+                mask_fn=None) -> torch.Tensor:
+    """logits (V,) fp32 -> masked copy; `allowed` (if given) wins over everything else except `suppress`.
+    `mask_fn(out)` (a grammar bitmask) sets forbidden logits of the copy to -inf in place."""
     out = logits.float().clone()
+    if mask_fn is not None:
+        mask_fn(out)
     if allowed is not None:
         keep = torch.full_like(out, float("-inf"))
         idx = torch.as_tensor(list(allowed), dtype=torch.long, device=out.device)

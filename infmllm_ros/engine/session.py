@@ -194,8 +194,12 @@ class StreamingSession:
             while True:
                 if output_logits:
                     steps.append(logits.float().cpu())
-                allowed = allowed_tokens_fn(list(tokens)) if allowed_tokens_fn is not None else None
-                masked = penalize_repeats(mask_logits(logits, self.suppress, allowed), tokens, self.repetition_penalty)
+                # a bitmask constraint (action_grammar) masks the logits in place; a plain one lists allowed ids
+                in_place = getattr(allowed_tokens_fn, "apply_", None)
+                allowed = allowed_tokens_fn(list(tokens)) if allowed_tokens_fn is not None and not in_place else None
+                mask_fn = (lambda out, f=in_place, prefix=list(tokens): f(prefix, out)) if in_place else None
+                masked = penalize_repeats(mask_logits(logits, self.suppress, allowed, mask_fn), tokens,
+                                          self.repetition_penalty)
                 tok = choose(masked, temperature, top_p, self.generator, self.top_k)
                 tokens.append(tok)
                 if len(tokens) == 1:

@@ -75,7 +75,8 @@ class Worker:
             try:
                 t0 = time.monotonic()
                 self.constraint = ActionConstraint(self.spec, tok)
-                log.info(f"action constraint ready in {time.monotonic() - t0:.2f} s")
+                log.info(f"action constraint ({self.constraint.backend}) ready in {time.monotonic() - t0:.2f} s "
+                         f"{self.constraint.fallback_reason}")
             except Exception as e:
                 self.constraint_error = f"{type(e).__name__}: {e}"
         if self.constraint is None:

@@ -214,11 +214,13 @@ def _walk(constraint: ActionConstraint, tok, rng: random.Random, max_steps=200) 
     return tok.decode(ids)
 
 
-def test_constraint_random_walks_are_schema_shaped_char_tokenizer():
+@pytest.mark.parametrize("backend", ["xgrammar", "lmfe"])
+def test_constraint_random_walks_are_schema_shaped_char_tokenizer(backend):
     from fake_session import CharTokenizer  # test/ros/fake_session.py
 
     tok = CharTokenizer()
-    c = ActionConstraint(SPEC, tok)
+    c = ActionConstraint(SPEC, tok, backend=backend)
+    assert c.backend == backend
     rng = random.Random(1)
     kinds = set()
     ok = 0
@@ -235,12 +237,14 @@ def test_constraint_random_walks_are_schema_shaped_char_tokenizer():
     assert ok >= 30 and len(kinds) >= 3
 
 
-def test_constraint_with_hf_byte_level_tokenizer():
+@pytest.mark.parametrize("backend", ["xgrammar", "lmfe"])
+def test_constraint_with_hf_byte_level_tokenizer(backend):
     pytest.importorskip("transformers")
     from infmllm_ros.engine.tiny import build_tokenizer
 
     tok = build_tokenizer(["<image>"])
-    c = ActionConstraint(SPEC, tok)
+    c = ActionConstraint(SPEC, tok, backend=backend)
+    assert c.backend == backend
     rng = random.Random(2)
     results = []
     for _ in range(25):
