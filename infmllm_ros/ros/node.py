@@ -63,6 +63,7 @@ from std_srvs.srv import SetBool, Trigger
 from infmllm_ros.actions import Action, ActionConstraint, ActionSpec, ActionValidator, MotionGate
 from infmllm_ros.ros import session_factory as sf
 from infmllm_ros.ros.convert import ImageConversionError, compressed_to_rgb, imgmsg_to_rgb
+from infmllm_ros.ros.memory_topics import MemoryTopics
 
 NODE_NAME = "infmllm_node"
 
@@ -109,6 +110,7 @@ PARAMS: dict[str, object] = {
     "watchdog_rate": 10.0,
     "diagnostics_period": 1.0,
     "reset_timeout": 5.0,
+    "memory.rate": 1.0,
 }
 
 _STRING_ARRAY = ParameterDescriptor(type=ParameterType.PARAMETER_STRING_ARRAY)
@@ -227,6 +229,7 @@ class InfMLLMNode(LifecycleNode):
         self.constraint: ActionConstraint | None = None
         self._constraint_error = ""
         self._stamps: collections.OrderedDict = collections.OrderedDict()  # stamp_s -> (sec, nanosec)
+        self._memory: MemoryTopics | None = None  # ~/memory, ~/memory_image (ros/memory_topics.py)
         self._session_stats: dict = {}  # snapshot taken by the worker (the only thread that touches the session)
         self._state_label = "unconfigured"
         # /diagnostics runs in every lifecycle state (steady clock: also without /clock under use_sim_time), so a
@@ -253,7 +256,7 @@ class InfMLLMNode(LifecycleNode):
                     "generation.max_new_tokens", "actions.max_new_tokens"):
             if int(p[key]) < 1:
                 raise ValueError(f"parameter {key} must be >= 1, got {p[key]}")
-        for key in ("watchdog_rate", "diagnostics_period", "reset_timeout"):
+        for key in ("watchdog_rate", "diagnostics_period", "reset_timeout", "memory.rate"):
             if not p[key] > 0:
                 raise ValueError(f"parameter {key} must be > 0, got {p[key]}")
         try:
@@ -293,6 +296,8 @@ class InfMLLMNode(LifecycleNode):
             "action": self.create_lifecycle_publisher(String, "~/action", self._qos(True, 10)),
             "cmd_vel": self.create_lifecycle_publisher(Twist, p["cmd_vel_topic"], self._qos(True, 10)),
         }
+        self._memory = MemoryTopics(self, p["memory.rate"])
+        self._pubs.update(self._memory.publishers)
         self._svc_list = [
             self.create_service(Trigger, "~/reset", self._on_reset, callback_group=self._srv_group),
             self.create_service(SetBool, "~/enable_actions", self._on_enable_actions, callback_group=self._srv_group),
@@ -361,6 +366,9 @@ class InfMLLMNode(LifecycleNode):
 
     def _teardown(self):
         self._stop_worker()
+        if self._memory is not None:
+            self._memory.close()
+            self._memory = None
         self._release_session()
         for t in self._timer_list:
             self.destroy_timer(t)
@@ -498,6 +506,11 @@ class InfMLLMNode(LifecycleNode):
             self._session_stats = dict(self._session.stats() or {})
         except Exception as e:  # stats() must not take the worker down
             self._session_stats = {"stats_error": str(e)}
+        try:
+            if self._memory is not None:
+                self._memory.update(self._session)
+        except Exception as e:  # memory view must not take the worker down
+            self.stats.last_error = f"memory: {type(e).__name__}: {e}"
 
     def _worker_main(self):
         period = 1.0 / float(self._p["frame_rate"])
@@ -555,6 +568,8 @@ class InfMLLMNode(LifecycleNode):
         finally:
             self._busy_since = 0.0
         self.stats.inc("frames_used")
+        if self._memory is not None:
+            self._memory.on_frame(rgb, stamp_s, stamp)
         self._stamps[stamp_s] = stamp
         while len(self._stamps) > 256:
             self._stamps.popitem(last=False)
@@ -641,6 +656,7 @@ class InfMLLMNode(LifecycleNode):
             "session_latency_s": getattr(ans, "latency_s", None) if ans is not None else None,
             "tokens": len(getattr(ans, "tokens", []) or []) if ans is not None else 0,
             "cache": cache,
+            "evidence": self._memory.on_answer(ans) if self._memory is not None and ans is not None else None,
             "stamp": self._now_stamp(),
         }
         self._publish("answer", String(data=answer_text))
@@ -792,6 +808,7 @@ class InfMLLMNode(LifecycleNode):
             "cmd_vel_zero": c.get("cmd_vel_zero", 0),
             "errors": c.get("errors", 0),
             "resets": c.get("resets", 0),
+            "memory_images": c.get("memory_images", 0),
             "session_lost": self._session_lost,
             "rss_bytes": _rss_bytes(),
             "last_error": last_error,
