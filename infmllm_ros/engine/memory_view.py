@@ -50,8 +50,8 @@ class ChunkMap:
                 self.spans[-1].end = start
             else:
                 first = not self.spans
-                kind, text_ = ("system", self._system_text) if first else ("text", "")
-                self.spans.append(Span(last, start, kind, text=text_))
+                gap_kind, gap_text = ("system", self._system_text) if first else ("text", "")
+                self.spans.append(Span(last, start, gap_kind, text=gap_text))
         span = Span(start, end, kind, stamp, text)
         self.spans.append(span)
         if len(self.spans) > self._limit and self._kept_fn is not None:

@@ -59,13 +59,13 @@ def render_mosaic(frames: list[dict], thumbs: dict, outlined: set, t0: float | N
     draw = ImageDraw.Draw(img)
     for k, f in enumerate(frames):
         x, y = GAP + (k % cols) * (tw + GAP), GAP + (k // cols) * (th + GAP)
+        draw.rectangle([x, y, x + tw - 1, y + THUMB_SIDE - 1], fill=BAR_BACK)
         thumb = thumbs.get(f["stamp"])
-        if thumb is not None:
+        if thumb is not None:  # None: the store's bound dropped it (more frames held than MAX_THUMBS)
             t = PILImage.fromarray(thumb)
-            t.thumbnail((tw, THUMB_SIDE))
+            scale = THUMB_SIDE / max(t.size)
+            t = t.resize((max(1, round(t.width * scale)), max(1, round(t.height * scale))), PILImage.BILINEAR)
             img.paste(t, (x + (tw - t.width) // 2, y + (THUMB_SIDE - t.height) // 2))
-        else:  # the frame arrived before this node kept thumbnails (never after a reset)
-            draw.rectangle([x, y, x + tw - 1, y + THUMB_SIDE - 1], fill=BAR_BACK)
         share = min(1.0, f["kept"] / f["fed"]) if f["fed"] else 0.0
         draw.rectangle([x, y + THUMB_SIDE + 1, x + tw - 1, y + THUMB_SIDE + 3], fill=BAR_BACK)
         draw.rectangle([x, y + THUMB_SIDE + 1, x + max(0, round(share * tw) - 1), y + THUMB_SIDE + 3], fill=BAR)
