@@ -65,17 +65,19 @@ def uniform_image(sec: int):
 def send_frames(c, secs):
     """One frame at a time, each after the previous one reached the session (latest frame wins otherwise)."""
     for s in secs:
-        base = memories(c)[-1]["totals"]["frames_seen"] if memories(c) else 0
+        n = len(memories(c))
+        base = memories(c)[-1]["totals"]["frames_seen"] if n else 0
         c.image_pub.publish(uniform_image(s))
-        assert last_memory_with(c, lambda m, b=base: m["totals"]["frames_seen"] > b, 30), c.proc.log()[-2000:]
+        assert last_memory_with(c, lambda m, b=base: m["totals"]["frames_seen"] > b, 30, n), c.proc.log()[-2000:]
 
 
 def memories(c):
     return [json.loads(m.data) for m in c.got("memory")]
 
 
-def last_memory_with(c, pred, timeout=30.0):
-    return c.wait_for(lambda: next((m for m in reversed(memories(c)) if pred(m)), None), timeout)
+def last_memory_with(c, pred, timeout=30.0, since=0):
+    """The newest ~/memory record (of those received after the first `since`) that satisfies pred."""
+    return c.wait_for(lambda: next((m for m in reversed(memories(c)[since:]) if pred(m)), None), timeout)
 
 
 def count_tiles(msg) -> int:
@@ -145,14 +147,14 @@ def test_reset_gives_an_empty_memory_and_mosaic(env):
     from std_srvs.srv import Trigger
 
     c = env
+    n = len(memories(c))
     assert c.call(Trigger, f"{NS}/reset", Trigger.Request(), timeout=30).success
-    mem = last_memory_with(c, lambda m: m["totals"]["seen"] == 0)
+    mem = last_memory_with(c, lambda m: m["totals"]["seen"] == 0, since=n)
     assert mem and mem["frames"] == [] and mem["text"] == [] and mem["totals"]["stored"] == 0
-    n = len(c.got("image"))
-    assert c.wait_for(lambda: len(c.got("image")) > n, 10)
-    assert count_tiles(c.got("image")[-1]) == 0
+    assert c.wait_for(lambda: c.got("image") and count_tiles(c.got("image")[-1]) == 0, 10)  # an empty mosaic
+    n = len(memories(c))
     send_frames(c, range(200, 203))
-    mem = last_memory_with(c, lambda m: m["totals"]["frames_seen"] == 3 and m["frames"])
+    mem = last_memory_with(c, lambda m: m["totals"]["frames_seen"] == 3 and m["frames"], since=n)
     assert mem and {f["stamp"]["sec"] for f in mem["frames"]} <= {200, 201, 202}
 
 
@@ -166,9 +168,9 @@ def test_memory_topics_work_after_deactivate_activate(env):
         req.transition.id = tid
         assert c.call(ChangeState, f"{NS}/change_state", req, timeout=30).success
     assert c.wait_for(lambda: c.image_pub.get_subscription_count() > 0, 10)
-    n_img = len(c.got("image"))
+    n_img, n = len(c.got("image")), len(memories(c))
     send_frames(c, range(300, 304))
-    mem = last_memory_with(c, lambda m: any(f["stamp"]["sec"] == 303 for f in m["frames"]))
+    mem = last_memory_with(c, lambda m: any(f["stamp"]["sec"] == 303 for f in m["frames"]), since=n)
     assert mem, f"no ~/memory after reactivation\n{c.proc.log()[-2000:]}"
     assert c.wait_for(lambda: len(c.got("image")) > n_img, 15)
     assert c.wait_for(lambda: count_tiles(c.got("image")[-1]) == memories(c)[-1]["totals"]["frames_held"], 10)
