@@ -34,7 +34,7 @@ def asked_object(question: str):
         m = pat.fullmatch(question)
         if m:
             name = m.group(1)
-            return (lambda o: o.name == name) if " " in name else (lambda o: o.shape == name)
+            return (lambda o, n=name: o.name == n) if " " in name else (lambda o, n=name: o.shape == n)
     raise ValueError(f"not a past question of the world: {question!r}")
 
 
@@ -57,11 +57,15 @@ def run_episode(session, ep: world.Episode, max_new_tokens: int) -> list[dict]:
             a = session.ask(e.question, max_new_tokens=max_new_tokens, temperature=0.0)
             ev = a.evidence or {"frames": []}
             top = index_of[ev["frames"][0]["stamp"]] if ev["frames"] else None
+            dense = ev.get("frames_per_token") or []
+            top_dense = index_of[dense[0]["stamp"]] if dense else None
             pred = asked_object(e.question)
             rows.append({"seed": ep.seed, "frame": e.frame, "template": e.template, "question": e.question,
                          "seen_frame": e.seen_frame, "held": held, "answer_frame_held": e.seen_frame in held,
                          "top": top, "hit": top is not None and shows(ep.frames[top], pred),
-                         "exact": top == e.seen_frame,
+                         "exact": top == e.seen_frame, "top_per_token": top_dense,
+                         "hit_per_token": top_dense is not None and shows(ep.frames[top_dense], pred),
+                         "top_is_newest": top == f.index,
                          "chance": sum(shows(ep.frames[i], pred) for i in held) / len(held) if held else 0.0,
                          "frame_share": ev.get("frame_share"), "correct": world.normalize_answer(a.text)
                          == world.normalize_answer(e.answer)})
@@ -76,6 +80,7 @@ def summary(rows: list[dict]) -> dict:
         return round(sum(float(r[key]) for r in held) / n, 4) if n else None
 
     return {"questions": len(rows), "n": n, "hit_rate": mean("hit"), "chance": mean("chance"),
+            "hit_rate_per_token": mean("hit_per_token"), "top_is_newest": mean("top_is_newest"),
             "exact_rate": mean("exact"), "exact_chance": round(sum(1 / len(r["held"]) for r in held) / n, 4)
             if n else None, "held_frames_mean": round(sum(len(r["held"]) for r in held) / n, 2) if n else None,
             "frame_share_mean": mean("frame_share"), "answer_accuracy": mean("correct")}
@@ -111,12 +116,16 @@ def markdown(res: dict) -> str:
              f"`{res['command']}`\n",
              "Counted: past questions whose answer frame the cache still held when asked. Hit = the top frame of "
              "`Answer.evidence` shows the asked object; chance = a frame drawn uniformly from the held frames. "
-             "Exact = the top frame is the answer frame itself (chance 1 / held frames).\n"]
-    rows = [[b, s["questions"], s["n"], s["held_frames_mean"], _pct(s["hit_rate"]), _pct(s["chance"]),
+             "Exact = the top frame is the answer frame itself (chance 1 / held frames). Per token = the top frame "
+             "of `evidence.frames_per_token` (mass divided by the frame's stored tokens). Newest = how often the top "
+             "frame by mass is the newest frame (past questions ask about things out of view there).\n"]
+    rows = [[b, s["questions"], s["n"], s["held_frames_mean"], _pct(s["hit_rate"]), _pct(s["hit_rate_per_token"]),
+             _pct(s["chance"]), _pct(s["top_is_newest"]),
              _pct(s["exact_rate"]), _pct(s["exact_chance"]), _pct(s["frame_share_mean"]), _pct(s["answer_accuracy"]),
              s["seconds"]] for b, s in res["budgets"].items()]
     lines.append(common.md_table(["budget", "past questions", "answer frame held", "held frames (mean)",
-                                  "top frame shows object", "chance", "top = answer frame", "chance",
+                                  "top frame shows object", "per token", "chance", "top = newest",
+                                  "top = answer frame", "chance",
                                   "mass on frames", "answers right", "s"], rows))
     return "\n".join(lines) + "\n"
 
@@ -127,8 +136,9 @@ def _pct(v) -> str:
 
 def findings(name: str, res: dict) -> list[str]:
     return [f"`{name}`, budget {b}: the top evidence frame shows the asked object in {_pct(s['hit_rate'])} of "
-            f"{s['n']} past questions with the answer frame held (chance {_pct(s['chance'])}; exact answer frame "
-            f"{_pct(s['exact_rate'])}, chance {_pct(s['exact_chance'])})." for b, s in res["budgets"].items() if s["n"]]
+            f"{s['n']} past questions with the answer frame held (per token {_pct(s['hit_rate_per_token'])}; chance "
+            f"{_pct(s['chance'])}; top = newest frame {_pct(s['top_is_newest'])}): target (clear majority) "
+            f"{'met' if (s['hit_rate'] or 0) > 0.5 else 'not met'}." for b, s in res["budgets"].items() if s["n"]]
 
 
 def plot(res: dict, path: Path) -> None:
@@ -136,8 +146,8 @@ def plot(res: dict, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(5, 3.2))
     names = list(res["budgets"])
     xs = range(len(names))
-    for off, key, label in ((-0.3, "hit_rate", "top frame shows object"), (-0.1, "chance", "chance"),
-                            (0.1, "exact_rate", "top = answer frame"), (0.3, "exact_chance", "chance (exact)")):
+    for off, key, label in ((-0.3, "hit_rate", "top frame shows object"), (-0.1, "hit_rate_per_token", "per token"),
+                            (0.1, "chance", "chance"), (0.3, "top_is_newest", "top = newest frame")):
         ax.bar([x + off for x in xs], [100 * (res["budgets"][b][key] or 0) for b in names], 0.2, label=label)
     ax.set_xticks(list(xs), [f"budget {b}" for b in names])
     ax.set_ylabel("% of questions")

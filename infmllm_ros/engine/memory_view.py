@@ -141,14 +141,25 @@ class EvidenceProbe:
         if not self.parts or not cmap.spans:
             return None
         per_span = torch.zeros(len(cmap.spans), dtype=torch.float64)
+        held = torch.zeros(len(cmap.spans), dtype=torch.float64)  # stored (layer, head, token) slots per span
         for mass, index in self.parts:
-            per_span.scatter_add_(0, cmap.span_ids(index).flatten(), mass.double().flatten())
+            ids = cmap.span_ids(index).flatten()
+            per_span.scatter_add_(0, ids, mass.double().flatten())
+            held.scatter_add_(0, ids, torch.ones(ids.shape, dtype=torch.float64))
         total = float(per_span.sum()) or 1.0
         frames = [(float(m), s) for m, s in zip(per_span.tolist(), cmap.spans, strict=True) if s.kind == "frame"]
         on_frames = sum(m for m, _ in frames)
         on_self = sum(float(m) for m, s in zip(per_span.tolist(), cmap.spans, strict=True) if s is question)
         top = sorted(frames, key=lambda ms: -ms[0])[:TOP_FRAMES]
+        # mass per stored token: a frame the cache kept only a few (high-scoring) tokens of is not outweighed by the
+        # fully held newest frames just for its token count
+        dense = [(float(m) / float(h), s) for m, h, s in zip(per_span.tolist(), held.tolist(), cmap.spans, strict=True)
+                 if s.kind == "frame" and h > 0]
+        on_dense = sum(d for d, _ in dense)
+        top_dense = sorted(dense, key=lambda ds: -ds[0])[:TOP_FRAMES]
         return {"frames": [{"stamp": s.stamp, "weight": round(m / on_frames, 4)} for m, s in top if on_frames > 0],
+                "frames_per_token": [{"stamp": s.stamp, "weight": round(d / on_dense, 4)} for d, s in top_dense
+                                     if on_dense > 0],
                 "frame_share": round(on_frames / total, 4),
                 "text_share": round((total - on_frames - on_self) / total, 4),
                 "question_share": round(on_self / total, 4)}

@@ -164,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     client.create_subscription(String, f"/{NODE}/result", lambda m: results.append(json.loads(m.data)), latched)
     client.create_subscription(Twist, "/cmd_vel", lambda m: twists.append((m.linear.x, m.angular.z)), 10)
     memory_image = deque(maxlen=1)  # subscribing makes the node render it (only while someone watches)
-    client.create_subscription(Image, f"/{NODE}/memory_image", memory_image.append, 1)
+    client.create_subscription(Image, f"/{NODE}/memory_image", lambda m: memory_image.append(m), 1)
 
     def on_diag(msg):
         for st in msg.status:

@@ -141,8 +141,11 @@ class MemoryTopics:
         with self.lock:
             self.outlined = {f["stamp"] for f in ev["frames"]}
             self.version += 1
-            frames = [{"stamp": ros_stamp(f["stamp"], self.exact), "weight": f["weight"]} for f in ev["frames"]]
-        return {**ev, "frames": frames}
+            out = {**ev}
+            for key in ("frames", "frames_per_token"):
+                out[key] = [{"stamp": ros_stamp(f["stamp"], self.exact), "weight": f["weight"]}
+                            for f in ev.get(key, [])]
+        return out
 
     # ---- publisher thread ----------------------------------------------------------------------------------
     def _run(self) -> None:
