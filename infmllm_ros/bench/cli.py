@@ -16,11 +16,12 @@ COMMANDS = {
     "report": ("infmllm_ros.bench.report", "regenerate docs/BENCHMARKS.md from the JSON results"),
     "train-vlm": ("infmllm_ros.bench.train_vlm", "train the embedded robot VLM on the synthetic world (time-boxed)"),
     "recall": ("infmllm_ros.bench.recall", "accuracy vs distance on held-out world episodes, per cache policy"),
+    "evidence": ("infmllm_ros.bench.evidence", "does an answer's top evidence frame show the asked object (vs chance)"),
 }
 
 # `all`: every measurement on the committed models, then the report. The trainers are left out on purpose
 # (they take 30-45 minutes and rewrite the committed checkpoints); run them by name.
-ALL = ("cost", "text", "recall", "report")
+ALL = ("cost", "text", "recall", "evidence", "report")
 
 
 def main(argv=None):

@@ -12,12 +12,13 @@ import json
 import os
 from pathlib import Path
 
-from infmllm_ros.bench import cache_cost_view, common, cost, metrics, recall, text_ppl, train_lm
+from infmllm_ros.bench import cache_cost_view, common, cost, evidence, metrics, recall, text_ppl, train_lm
 
-RENDERERS = {"train_lm": train_lm, "text_ppl": text_ppl, "cost": cost, "cache_cost": cache_cost_view, "recall": recall}
-ORDER = ["train_lm", "text_ppl", "cost", "cache_cost", "recall"]
+RENDERERS = {"train_lm": train_lm, "text_ppl": text_ppl, "cost": cost, "cache_cost": cache_cost_view, "recall": recall,
+             "evidence": evidence}
+ORDER = ["train_lm", "text_ppl", "cost", "cache_cost", "recall", "evidence"]
 TITLES = {"train_lm": "Model", "text_ppl": "Quality", "cost": "Cost", "cache_cost": "Cache cost",
-          "recall": "Recall vs distance"}
+          "recall": "Recall vs distance", "evidence": "Answer evidence"}
 SETUP = ["apt-get install -y bible-kjv            # the KJV text (Debian bible-kjv + bible-kjv-text), as root",
          "pip install -e . && pip install matplotlib"]
 
@@ -76,6 +77,8 @@ def findings(results: list[tuple[Path, dict]]) -> list[str]:
             out.append(f"`{path.name}` at {longest} tokens: " + "; ".join(parts) + ".")
         elif res["kind"] == "recall":
             out += recall.findings(path.name, res)
+        elif res["kind"] == "evidence":
+            out += evidence.findings(path.name, res)
     return out
 
 
