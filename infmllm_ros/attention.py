@@ -28,6 +28,9 @@ def infmllm_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.T
     if cache is not None and getattr(module, "layer_idx", None) is not None:
         scale = scaling if scaling is not None else query.shape[-1] ** -0.5
         cache.after_attention(module.layer_idx, query, key, scale)
+        probe = getattr(cache, "attention_probe", None)  # memory view: a question's attention mass (evidence)
+        if probe is not None:
+            probe(module.layer_idx, query, key, scale)
     return out, None
 
 

@@ -21,11 +21,12 @@ COMMANDS = {
     "gpu-check": ("infmllm_ros.bench.gpu_check", "kernels vs references, 1M-token stream, decode vs HBM (CUDA)"),
     "actions": ("infmllm_ros.bench.actions", "action constraint set-up and per-action cost, xgrammar vs lmfe"),
     "real-size": ("infmllm_ros.bench.real_size", "SmolVLM-256M / Qwen2-VL-2B shapes: session vs plain transformers"),
+    "evidence": ("infmllm_ros.bench.evidence", "does an answer's top evidence frame show the asked object (vs chance)"),
 }
 
 # `all`: every measurement on the committed models, then the report. The trainers are left out on purpose
 # (they take 30-45 minutes and rewrite the committed checkpoints); run them by name.
-ALL = ("cost", "text", "recall", "report")
+ALL = ("cost", "text", "recall", "evidence", "report")
 
 
 def top_parser() -> argparse.ArgumentParser:

@@ -17,6 +17,7 @@ from infmllm_ros.bench import (
     cache_cost_view,
     common,
     cost,
+    evidence,
     gpu_check,
     metrics,
     real_size,
@@ -27,10 +28,12 @@ from infmllm_ros.bench import (
 )
 
 RENDERERS = {"train_lm": train_lm, "text_ppl": text_ppl, "cost": cost, "cache_cost": cache_cost_view, "recall": recall,
-             "window_compare": window_compare, "real_size": real_size, "actions": actions, "gpu_check": gpu_check}
-ORDER = ["train_lm", "text_ppl", "cost", "cache_cost", "recall", "window_compare", "real_size", "actions", "gpu_check"]
+             "evidence": evidence, "window_compare": window_compare, "real_size": real_size, "actions": actions,
+             "gpu_check": gpu_check}
+ORDER = ["train_lm", "text_ppl", "cost", "cache_cost", "recall", "evidence", "window_compare", "real_size", "actions",
+         "gpu_check"]
 TITLES = {"train_lm": "Model", "text_ppl": "Quality", "cost": "Cost", "cache_cost": "Cache cost",
-          "recall": "Recall vs distance", "window_compare": "Retrieval window",
+          "recall": "Recall vs distance", "evidence": "Answer evidence", "window_compare": "Retrieval window",
           "real_size": "Real-size shapes vs plain transformers", "actions": "Constrained actions",
           "gpu_check": "GPU check"}
 SETUP = ["apt-get install -y bible-kjv            # the KJV text (Debian bible-kjv + bible-kjv-text), as root",
@@ -91,7 +94,7 @@ def findings(results: list[tuple[Path, dict]]) -> list[str]:
             out.append(f"`{path.name}` at {longest} tokens: " + "; ".join(parts) + ".")
         elif res["kind"] == "recall":
             out += recall.findings(path.name, res)
-        elif res["kind"] in ("window_compare", "gpu_check"):
+        elif res["kind"] in ("window_compare", "gpu_check", "evidence"):
             out += RENDERERS[res["kind"]].findings(path.name, res)
     return out
 

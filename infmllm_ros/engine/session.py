@@ -24,7 +24,7 @@ import torch
 
 from infmllm_ros import attention
 from infmllm_ros.cache import BoundedCache, CacheConfig
-from infmllm_ros.engine import frames, loading, memory
+from infmllm_ros.engine import frames, loading, memory, memory_view
 from infmllm_ros.engine.adapters import Chunk, adapter_for
 from infmllm_ros.engine.errors import CacheFullError, InvalidFrameError, InvalidInstructionError
 from infmllm_ros.engine.sampling import choose, mask_logits, penalize_repeats
@@ -42,6 +42,7 @@ class Answer:
     finish_reason: str = "length"  # "eos" | "stop" | "length" | "cache_full" (policy "full" ran out of slots)
     first_token_s: float = 0.0  # question prefill + first token choice
     logits: torch.Tensor | None = None  # (n_tokens, vocab) raw logits per step, only with output_logits=True
+    evidence: dict | None = None  # frames the question attended to most (memory_view.EvidenceProbe.evidence)
 
 
 @dataclass
@@ -141,6 +142,7 @@ class StreamingSession:
         if len(self._pending) + chunk.length > self.cfg.max_chunk:
             self._feed_pending_ahead(chunk.length)
         self._prefill(self._with_pending(chunk))
+        self.chunk_map.mark("frame", int(self.cache.get_seq_length()), chunk.length, stamp=float(stamp))  # memory view
         c = self.counters
         c.first_stamp = origin
         c.frames_seen += 1
@@ -183,7 +185,9 @@ class StreamingSession:
         if seed is not None:
             self.generator.manual_seed(seed)
         ids = torch.tensor([head + user + tail], dtype=torch.long)
-        logits = self._prefill(self._with_pending(Chunk(ids=ids, mm_token_type_ids=torch.zeros_like(ids))))
+        with memory_view.probing(self.cache, ids.shape[1]) as probe:  # memory view: the question's attention mass
+            logits = self._prefill(self._with_pending(Chunk(ids=ids, mm_token_type_ids=torch.zeros_like(ids))))
+        question = self.chunk_map.mark("instruction", int(self.cache.get_seq_length()), ids.shape[1], text=text)
         self.counters.questions += 1
         self.counters.last_question_tokens = ids.shape[1]
 
@@ -230,11 +234,13 @@ class StreamingSession:
             if tokens and tokens[-1] in self.eos_ids and close[:1] == [tokens[-1]]:
                 close = close[1:]
             self._pending = tokens[n_fed:] + close
+            self.chunk_map.mark("answer", int(self.cache.get_seq_length()), n_fed, text=text_out)  # memory view
         latency = time.perf_counter() - t0
         self.counters.last_answer_latency_s, self.counters.last_first_token_s = latency, first_token_s
         return Answer(text=text_out, tokens=tokens, frame_stamp=self.counters.last_stamp, latency_s=latency,
                       cache=dict(self.cache.stats()), finish_reason=finish, first_token_s=first_token_s,
-                      logits=torch.stack(steps) if output_logits else None)
+                      logits=torch.stack(steps) if output_logits else None,
+                      evidence=probe.evidence(self.chunk_map, question))
 
     def reset(self) -> None:
         """Forget everything: empty cache, positions from 0, model position state cleared, generator reseeded."""
@@ -243,7 +249,13 @@ class StreamingSession:
         self.generator.manual_seed(self.seed)
         self._pending = list(self._prefix_ids)
         self.counters = _Counters()
+        self.chunk_map = memory_view.ChunkMap(lambda: memory_view.kept_indices(self.cache), 4 * self.cfg.capacity,
+                                              self.system_prompt or "")  # memory view: stream index -> frame / turn
         self._broken: str | None = None
+
+    def memory(self) -> dict:
+        """What the cache still holds, per frame and text turn, with totals (see engine/memory_view.py)."""
+        return memory_view.memory(self)
 
     def stats(self) -> dict:
         c, cs = self.counters, dict(self.cache.stats())

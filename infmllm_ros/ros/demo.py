@@ -3,7 +3,9 @@
 What runs is what a user runs: `infmllm-make-bag`-style bag writing, the node in its own process
 (`python -m infmllm_ros.ros.node`, use_sim_time), `infmllm-replay --clock` in another process, and this script
 as an ordinary ROS client that arms actions, listens to `~/result`, `~/action`, `cmd_vel` and `/diagnostics`,
-and prints each instruction, the answer, the action, the latency and the KV memory against its budget.
+and prints each instruction, the answer, the action, the latency, the KV memory against its budget and the answer's
+evidence (the frames the question attended to most); at the end it writes the last `~/memory_image` mosaic (the
+frames the cache still holds) to memory.png in its output folder.
 """
 
 from __future__ import annotations
@@ -76,6 +78,28 @@ def _bar(done: int, total: int, width: int = 24) -> str:
     return "[" + "#" * filled + "." * (width - filled) + f"] {done}/{total}"
 
 
+def _evidence(ev: dict | None) -> str:
+    if not ev:
+        return "none"
+    frames = ", ".join(f"t={_t(f['stamp']):.1f}s ({f['weight']:.2f})" for f in ev.get("frames", []))
+    return (f"{frames or 'no frame held'}; mass on frames {ev.get('frame_share', 0):.2f}, "
+            f"text {ev.get('text_share', 0):.2f}")
+
+
+def _t(stamp: dict, start_sec: int = 1_000) -> float:
+    return (stamp or {}).get("sec", 0) - start_sec + (stamp or {}).get("nanosec", 0) / 1e9
+
+
+def write_png(msg, path: Path) -> Path:
+    """sensor_msgs/Image rgb8 -> PNG."""
+    import numpy as np
+    from PIL import Image as PILImage
+
+    rgb = np.frombuffer(bytes(msg.data), np.uint8).reshape(msg.height, msg.step)[:, :msg.width * 3]
+    PILImage.fromarray(rgb.reshape(msg.height, msg.width, 3)).save(path)
+    return path
+
+
 def _mib(n) -> str:
     return f"{(n or 0) / 2**20:.2f} MiB"
 
@@ -129,6 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     from diagnostic_msgs.msg import DiagnosticArray
     from geometry_msgs.msg import TwistStamped
     from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy
+    from sensor_msgs.msg import Image
     from std_msgs.msg import String
     from std_srvs.srv import SetBool
 
@@ -139,6 +164,8 @@ def main(argv: list[str] | None = None) -> int:
     client.create_subscription(String, f"/{NODE}/result", lambda m: results.append(json.loads(m.data)), latched)
     client.create_subscription(TwistStamped, "/cmd_vel",  # the node's default (cmd_vel_stamped: true)
                                lambda m: twists.append((m.twist.linear.x, m.twist.angular.z)), 10)
+    memory_image = deque(maxlen=1)  # subscribing makes the node render it (only while someone watches)
+    client.create_subscription(Image, f"/{NODE}/memory_image", lambda m: memory_image.append(m), 1)
 
     def on_diag(msg):
         for st in msg.status:
@@ -175,11 +202,11 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append(ok)
                 cache = r.get("cache") or {}
                 kv_seen.add(cache.get("kv_bytes"))
-                fs = r.get("frame_stamp") or {}
-                print(f"{_bar(len(rows), len(sent))}  t={fs.get('sec', 0) - 1000 + fs.get('nanosec', 0) / 1e9:5.1f}s "
+                print(f"{_bar(len(rows), len(sent))}  t={_t(r.get('frame_stamp')):5.1f}s "
                       f"[{event.kind if event else '?'}] {r.get('instruction')!r}")
                 print(f"    answer: {r.get('answer', '')!r}  expected: {event.answer if event else '?'!r}  "
                       f"{'CORRECT' if ok else 'wrong'}")
+                print(f"    evidence: {_evidence(r.get('evidence'))}")
                 if r.get("action") or r.get("action_error"):
                     print(f"    action: {json.dumps(r.get('action')) if r.get('action') else r.get('action_error')}")
                 stored = cache.get("tokens_stored", cache.get("stored", "?"))
@@ -188,8 +215,11 @@ def main(argv: list[str] | None = None) -> int:
                       f"{stored} tokens stored (budget {args.budget} after each chunk), {seen} seen", flush=True)
         if replay.poll() is None:
             replay.wait(timeout=max(1.0, args.timeout - (time.monotonic() - t0)))
-        for _ in range(10):  # one more diagnostics message after the stream
+        for _ in range(10):  # one more diagnostics message (and memory image) after the stream
             rclpy.spin_once(client, timeout_sec=0.2)
+        if memory_image:
+            print(f"memory image (frames the cache holds, evidence outlined): "
+                  f"{write_png(memory_image[-1], work / 'memory.png')}", flush=True)
     finally:
         for proc in (replay, node):
             if proc is not None and proc.poll() is None:

@@ -46,6 +46,7 @@ from std_srvs.srv import SetBool, Trigger
 from infmllm_ros.actions import ActionSpec
 from infmllm_ros.ros import parameters as P
 from infmllm_ros.ros.inputs import Inputs, decode_string_cdr  # noqa: F401  (decode_string_cdr: public helper)
+from infmllm_ros.ros.memory_topics import MemoryTopics
 from infmllm_ros.ros.motion import Motion
 from infmllm_ros.ros.outputs import Outputs, Stats
 from infmllm_ros.ros.parameters import PARAMS, default_actions_file  # noqa: F401  (public: launch tests, yaml)
@@ -91,6 +92,7 @@ class InfMLLMNode(LifecycleNode):
         self.state_label = "unconfigured"
         self.finalized = False
         self.stats = Stats()
+        self.memory_topics: MemoryTopics | None = None
         self.steady = Clock(clock_type=ClockType.STEADY_TIME)
         self.outputs = Outputs(self)
         self.motion = Motion(self)
@@ -175,6 +177,8 @@ class InfMLLMNode(LifecycleNode):
             self.worker.release()
             return TransitionCallbackReturn.FAILURE
         self.outputs.create(p)
+        self.memory_topics = MemoryTopics(self, p["memory.rate"])  # ~/memory, ~/memory_image
+        self.outputs.pubs.update(self.memory_topics.publishers)
         self.motion.create(p, spec)
         self._svc_list = [
             self.create_service(Trigger, "~/reset", self._on_reset, callback_group=self._srv_group),
@@ -225,6 +229,9 @@ class InfMLLMNode(LifecycleNode):
             self.destroy_service(s)
         self._svc_list = []
         self.motion.destroy()
+        if self.memory_topics is not None:
+            self.memory_topics.close()
+            self.memory_topics = None
         self.outputs.destroy()
 
     def stop_everything(self, why: str):

@@ -129,6 +129,7 @@ class Outputs:
             "session_latency_s": getattr(ans, "latency_s", None) if ans is not None else None,
             "tokens": len(getattr(ans, "tokens", []) or []) if ans is not None else 0,
             "cache": cache,
+            "evidence": mt.on_answer(ans) if (mt := self.node.memory_topics) is not None and ans is not None else None,
             "stamp": self.now_stamp(),
         }
         result.update(extra or {})
@@ -196,6 +197,7 @@ class Outputs:
             "cmd_vel_zero": c.get("cmd_vel_zero", 0),
             "errors": c.get("errors", 0),
             "resets": c.get("resets", 0),
+            "memory_images": c.get("memory_images", 0),
             "session_lost": worker.session_lost,
             "frame_age_s": None if worker.frame_age() is None else round(worker.frame_age(), 3),
             "view_stale": n.state_label == "active" and worker.stale(),

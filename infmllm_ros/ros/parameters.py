@@ -140,6 +140,7 @@ TABLE: tuple[Param, ...] = (
           lo=0.1, hi=1000.0),
     Param("diagnostics_period", 1.0, "seconds between /diagnostics messages", when="live", lo=0.01, hi=3600.0),
     Param("reset_timeout", 5.0, "seconds ~/reset waits for the worker", when="live", lo=0.01, hi=3600.0),
+    Param("memory.rate", 1.0, "Hz, at most, of ~/memory and ~/memory_image", lo=1e-3, hi=100.0),
 )
 BY_NAME = {p.name: p for p in TABLE}
 PARAMS: dict[str, object] = {p.name: p.default for p in TABLE}

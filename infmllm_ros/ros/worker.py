@@ -169,6 +169,11 @@ class Worker:
             self.session_stats = dict(self.session.stats() or {})
         except Exception as e:  # stats() must not take the worker down
             self.session_stats = {"stats_error": str(e)}
+        try:
+            if self.node.memory_topics is not None:
+                self.node.memory_topics.update(self.session)
+        except Exception as e:  # the memory view must not take the worker down
+            self.stats.last_error = f"memory: {type(e).__name__}: {e}"
 
     def main(self):
         next_frame_t = 0.0
@@ -226,6 +231,8 @@ class Worker:
         finally:
             self.busy_since = 0.0
         self.stats.inc("frames_used")
+        if self.node.memory_topics is not None:
+            self.node.memory_topics.on_frame(rgb, stamp_s, stamp)
         self.frame_received = frame[3]
         self.node.outputs.remember_frame(stamp_s, stamp)
 

@@ -19,3 +19,10 @@ def test_demo_runs_end_to_end_and_reports_flat_kv_memory():
     assert out.count("    answer: ") == 3, out
     assert out.count("    latency ") == 3, out
     assert "(3 answered)" in out and "(flat)" in out, out
+    # Each answer names its evidence frames; the last memory mosaic is written as a PNG whose path is printed.
+    assert out.count("    evidence: t=") == 3, out
+    png = Path(out.split("memory image (frames the cache holds, evidence outlined): ")[1].split()[0])
+    from PIL import Image
+
+    with Image.open(png) as im:
+        assert im.format == "PNG" and im.mode == "RGB" and min(im.size) >= 64

@@ -44,8 +44,8 @@ def test_labels_cover_the_answers_only(tiny):
 
 
 def test_training_ids_equal_what_the_session_feeds(tiny):
-    from infmllm_ros.engine import StreamingSession
     from infmllm_ros.cache import CacheConfig
+    from infmllm_ros.engine import StreamingSession
 
     model, proc, enc = tiny
     ep = world.make_episode(5, 6, 3)

@@ -1,0 +1,53 @@
+"""infmllm-bench evidence: the asked-object predicate against the world's own records, and the harness on a tiny
+random-weight VLM (hit rates are meaningless there; the chance level is recomputed by hand from the rows)."""
+
+import json
+
+import pytest
+import torch
+
+from infmllm_ros import world
+from infmllm_ros.bench import evidence, report
+
+
+def test_asked_object_matches_the_answer_frame():
+    """Every past question of several episodes parses, and its answer frame shows the object it names."""
+    n = 0
+    for seed in range(4):
+        ep = world.make_episode(seed, 64, 20, kinds=("past",))
+        for e in ep.events:
+            pred = evidence.asked_object(e.question)
+            assert evidence.shows(ep.frames[e.seen_frame], pred), e
+            assert not any(pred(o) for o in ep.frames[e.frame].objects if o.visible) or e.template == "after"
+            n += 1
+    assert n >= 40
+    with pytest.raises(ValueError):
+        evidence.asked_object("what is in front of you?")
+
+
+def test_tiny_run_chance_and_report(tmp_path):
+    from infmllm_ros.engine.tiny import tiny_model
+
+    torch.set_num_threads(1)
+    model, proc = tiny_model("llava_llama")
+    args = ["--seeds", "0", "--frames", "20", "--questions", "4", "--budgets", "96", "--max-new-tokens", "2",
+            "--out", str(tmp_path)]
+    assert evidence.main(args, model=model, processor=proc) == 0
+    res = json.loads((tmp_path / "evidence.json").read_text())
+    cell = res["budgets"]["96"]
+    rows = cell["rows"]
+    assert cell["questions"] == len(rows) >= 1
+    eps = world.make_episode(0, 20, 4, kinds=("past",))
+    for r in rows:
+        pred = evidence.asked_object(r["question"])
+        shown = sum(evidence.shows(eps.frames[i], pred) for i in r["held"])
+        assert r["chance"] == pytest.approx(shown / len(r["held"]))
+        assert r["answer_frame_held"] == (r["seen_frame"] in r["held"])
+        if r["top"] is not None:
+            assert r["top"] in r["held"] and r["hit"] == evidence.shows(eps.frames[r["top"]], pred)
+    held = [r for r in rows if r["answer_frame_held"]]
+    assert cell["n"] == len(held)
+    if held:
+        assert cell["chance"] == pytest.approx(sum(r["chance"] for r in held) / len(held), abs=1e-4)
+    md = report.render(report.load_results(tmp_path), tmp_path / "BENCHMARKS.md")
+    assert "## Answer evidence (evidence.json)" in md
