@@ -84,3 +84,38 @@ def test_colcon_build_installs_package_index_launch_config_and_scripts(tmp_path)
         run = subprocess.run(["bash", "-c", f"source {setup} && {libexec / script} --help"],
                              env=env, capture_output=True, text=True, timeout=120)
         assert run.returncode == 0 and "usage" in run.stdout.lower(), (script, run.stdout, run.stderr)
+
+
+# ROS packages are found by their import names; pip-only dependencies (no current rosdep key) are listed in a
+# package.xml comment instead, and an end-of-life key would make `rosdep install` fail on a fresh robot.
+_ROS_PREFIXES = ("rclpy", "rcl_interfaces", "ament_index_python", "launch", "launch_ros", "builtin_interfaces")
+_EOL_KEYS = {"python3-pytorch-pip"}
+
+
+def _imported_ros_packages() -> set:
+    names = set()
+    for path in [*(ROOT / "infmllm_ros").rglob("*.py"), *(ROOT / "launch").glob("*.py")]:
+        for node in ast.walk(ast.parse(path.read_text())):
+            mods = [a.name for a in node.names] if isinstance(node, ast.Import) else (
+                [node.module] if isinstance(node, ast.ImportFrom) and node.module and node.level == 0 else [])
+            for m in mods:
+                top = m.split(".")[0]
+                if top in _ROS_PREFIXES or top.endswith(("_msgs", "_srvs")):
+                    names.add(top)
+    return names
+
+
+def test_package_xml_lists_every_imported_ros_package_and_no_eol_key():
+    root = ET.parse(ROOT / "package.xml").getroot()
+    deps = {e.text for e in root.iter() if e.tag.endswith("depend")}
+    imported = _imported_ros_packages()
+    assert {"rclpy", "rcl_interfaces", "ament_index_python", "rosgraph_msgs"} <= imported  # the scan sees them
+    assert imported - deps == set(), f"imported but not in package.xml: {sorted(imported - deps)}"
+    assert deps & _EOL_KEYS == set()
+
+
+def test_install_requires_has_every_runtime_pip_dependency():
+    reqs = {ast.literal_eval(e).split("[")[0].split("<")[0].split(">")[0].split("=")[0].strip()
+            for e in _setup_kwargs()["install_requires"].elts}
+    for name in ("torch", "transformers", "rosbags", "xgrammar", "lm-format-enforcer", "av", "numpy", "pillow"):
+        assert name in reqs, name
