@@ -15,6 +15,7 @@ from pathlib import Path
 from infmllm_ros.bench import (
     actions,
     cache_cost_view,
+    cache_scaling_view,
     common,
     cost,
     evidence,
@@ -27,12 +28,14 @@ from infmllm_ros.bench import (
     window_compare,
 )
 
-RENDERERS = {"train_lm": train_lm, "text_ppl": text_ppl, "cost": cost, "cache_cost": cache_cost_view, "recall": recall,
+RENDERERS = {"train_lm": train_lm, "text_ppl": text_ppl, "cost": cost, "cache_cost": cache_cost_view,
+             "cache_layer_scaling": cache_scaling_view, "recall": recall,
              "evidence": evidence, "window_compare": window_compare, "real_size": real_size, "actions": actions,
              "gpu_check": gpu_check}
-ORDER = ["train_lm", "text_ppl", "cost", "cache_cost", "recall", "evidence", "window_compare", "real_size", "actions",
+ORDER = ["train_lm", "text_ppl", "cost", "cache_cost", "cache_layer_scaling", "recall", "evidence", "window_compare", "real_size", "actions",
          "gpu_check"]
 TITLES = {"train_lm": "Model", "text_ppl": "Quality", "cost": "Cost", "cache_cost": "Cache cost",
+          "cache_layer_scaling": "Eviction cost vs layers",
           "recall": "Recall vs distance", "evidence": "Answer evidence", "window_compare": "Retrieval window",
           "real_size": "Real-size shapes vs plain transformers", "actions": "Constrained actions",
           "gpu_check": "GPU check"}
@@ -49,6 +52,8 @@ def load_results(folder: Path) -> list[tuple[Path, dict]]:
             raise SystemExit(f"report: {path} is not valid JSON: {e}") from e
         if isinstance(res, dict) and res.get("benchmark") == "cache_cost" and "kind" not in res:
             res = {**res, "kind": "cache_cost", "command": cache_cost_view.command(res), "commit": "?"}
+        if isinstance(res, dict) and res.get("benchmark") == "cache_layer_scaling" and "kind" not in res:
+            res = {**res, "kind": "cache_layer_scaling", "command": cache_scaling_view.command(res), "commit": "?"}
         if isinstance(res, dict) and res.get("kind") in RENDERERS:
             found.append((path, res))
     found.sort(key=lambda pr: (ORDER.index(pr[1]["kind"]), pr[0].name))
