@@ -21,13 +21,15 @@ def markdown(res: dict) -> str:
     a = res.get("args", {})
     rows = [[r["kv_heads"], r["layers"], r["end_chunk_ms"], r["time_ratio_to_4_layers"], r["ops"]]
             for r in res["rows"]]
-    worst = max(r["time_ratio_to_4_layers"] for r in res["rows"] if r["layers"] == max(x["layers"] for x in res["rows"]))
+    most = max(r["layers"] for r in res["rows"])
+    worst = max(r["time_ratio_to_4_layers"] for r in res["rows"] if r["layers"] == most)
     ops = sorted({r["ops"] for r in res["rows"]})
+    machine = common.describe_machine(cache_cost_view.full_machine(res["machine"]))
     return (f"### end_chunk at {' / '.join(str(n) for n in sorted({r['layers'] for r in res['rows']}))} layers "
             f"(`cache-cost --layer-scaling`)\n\n"
             f"Real widths (hidden 2048, 16 query heads, head_dim 128, KV heads as listed), saddle, budget "
             f"{a.get('budget')}, chunk {a.get('chunk')}, {a.get('device')} {a.get('dtype')}, random K/V and scores "
-            f"(weights play no part in end_chunk); {common.describe_machine(cache_cost_view.full_machine(res['machine']))}. "
+            f"(weights play no part in end_chunk); {machine}. "
             f"Median of 16 evictions per row; ops = aten ops dispatched by one end_chunk (TorchDispatchMode).\n\n"
             f"`{command(res)}`\n\n"
             + common.md_table(["KV heads", "layers", "end_chunk ms", "x 4 layers", "aten ops"], rows)

@@ -32,8 +32,8 @@ RENDERERS = {"train_lm": train_lm, "text_ppl": text_ppl, "cost": cost, "cache_co
              "cache_layer_scaling": cache_scaling_view, "recall": recall,
              "evidence": evidence, "window_compare": window_compare, "real_size": real_size, "actions": actions,
              "gpu_check": gpu_check}
-ORDER = ["train_lm", "text_ppl", "cost", "cache_cost", "cache_layer_scaling", "recall", "evidence", "window_compare", "real_size", "actions",
-         "gpu_check"]
+ORDER = ["train_lm", "text_ppl", "cost", "cache_cost", "cache_layer_scaling", "recall", "evidence", "window_compare",
+         "real_size", "actions", "gpu_check"]
 TITLES = {"train_lm": "Model", "text_ppl": "Quality", "cost": "Cost", "cache_cost": "Cache cost",
           "cache_layer_scaling": "Eviction cost vs layers",
           "recall": "Recall vs distance", "evidence": "Answer evidence", "window_compare": "Retrieval window",
