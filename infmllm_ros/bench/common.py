@@ -106,6 +106,16 @@ def write_results(out_dir: Path | str, name: str, results: dict, markdown: str) 
     return paths
 
 
+def finish(out_dir: Path | str, name: str, results: dict, markdown, plot) -> int:
+    """A bench's last step: write <name>.json/.md and <name>.png, print the markdown and where it went."""
+    text = markdown(results)
+    paths = write_results(out_dir, name, results, text)
+    plot(results, Path(out_dir) / f"{name}.png")
+    print(text)
+    print(f"wrote {paths['json']}")
+    return 0
+
+
 def pyplot():
     """matplotlib.pyplot with the Agg backend (no display)."""
     import matplotlib

@@ -187,11 +187,7 @@ def main(argv=None, model=None, processor=None):
     res = run(model, processor, a.seeds, a.frames, a.questions, a.budgets, a.saddle, a.max_new_tokens)
     res.update(model=name, device="cpu", dtype=a.dtype, machine=m, commit=common.git_commit(),
                command=common.command_line(["evidence", *argv]))
-    paths = common.write_results(a.out, a.name, res, markdown(res))
-    plot(res, Path(a.out) / f"{a.name}.png")
-    print(markdown(res))
-    print(f"wrote {paths['json']}")
-    return 0
+    return common.finish(a.out, a.name, res, markdown, plot)
 
 
 if __name__ == "__main__":

@@ -397,11 +397,7 @@ def main(argv=None, session_factory: SessionFactory | None = None, model=None, p
     res.update(kind="recall", model=model_name, model_info=model_info(model, model_path) if model is not None else None,
                device=str(device), dtype=a.dtype, machine=m, commit=common.git_commit(),
                command=common.command_line(["recall", *argv]))
-    paths = common.write_results(a.out, a.name, res, markdown(res))
-    plot(res, Path(a.out) / f"{a.name}.png")
-    print(markdown(res))
-    print(f"wrote {paths['json']}")
-    return 0
+    return common.finish(a.out, a.name, res, markdown, plot)
 
 
 if __name__ == "__main__":
