@@ -135,6 +135,8 @@ TABLE: tuple[Param, ...] = (
     Param("actions.prefix", "action:", "case-insensitive prefix marking a command"),
     Param("actions.prompt", "{instruction}", "what the model is asked for a command ({instruction}, {schema})",
           extra=_prompt),
+    Param("actions.grammar", "auto", "action constraint: auto (xgrammar, else lm-format-enforcer) | xgrammar | lmfe",
+          choices=("auto", "xgrammar", "lmfe")),
     Param("actions.max_new_tokens", 64, "longest action JSON", lo=1, hi=1 << 16),
     Param("watchdog_rate", 10.0, "Hz: re-send the active motion, zero it when its duration ends", when="live",
           lo=0.1, hi=1000.0),

@@ -74,7 +74,7 @@ class Worker:
         else:
             try:
                 t0 = time.monotonic()
-                self.constraint = ActionConstraint(self.spec, tok)
+                self.constraint = ActionConstraint(self.spec, tok, backend=self.p.get("actions.grammar", "auto"))
                 log.info(f"action constraint ({self.constraint.backend}) ready in {time.monotonic() - t0:.2f} s "
                          f"{self.constraint.fallback_reason}")
             except Exception as e:

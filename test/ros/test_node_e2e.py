@@ -28,6 +28,9 @@ def env(request):
         "instruction_durability": "transient_local", "output_durability": "transient_local",
         "image_reliability": "reliable", "cache.budget": 256, "watchdog_rate": 20.0,
         "actions.max_new_tokens": 200,  # the fake tokenizer has one token per character
+        # lm-format-enforcer leaves out-of-limit and non-finite numbers to the node's validator, which is what this
+        # module checks end to end; xgrammar's in-grammar limits are tested in test_action_grammar.py
+        "actions.grammar": "lmfe",
     }, env={"FAKE_ASK_S": "0.05"})
     c = Client(DOMAIN)
     try:

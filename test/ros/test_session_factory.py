@@ -17,7 +17,8 @@ def test_cache_kwargs_from_node_parameters():
     from infmllm_ros.cache import CacheConfig
 
     p = dict(PARAMS)
-    p.update({"cache.budget": 128, "cache.recent": 32, "generation.max_new_tokens": 40, "actions.max_new_tokens": 90})
+    p.update({"cache.budget": 128, "cache.recent": 32, "cache.max_chunk": 256, "generation.max_new_tokens": 40,
+              "actions.max_new_tokens": 90})  # 0 (auto) values are resolved by make_session from the model
     kw = sf.cache_config_kwargs(p)
     cfg = CacheConfig(**kw)
     assert cfg.budget == 128 and cfg.recent == 32 and cfg.policy == "saddle"
