@@ -91,9 +91,8 @@ def check_moves(device, dt, name: str, shapes: dict, g, impl: str) -> list[dict]
     delta * inv_freq in fp32, which at |delta| ~ 4K is off by ~1e-4 rad."""
     from infmllm_ros import kernels
 
-    on_read = hasattr(kernels, "rotate_keys")  # rotate-on-read API: moves only, rotation when keys are read
     hkv, d, cap = shapes["kv_heads"], shapes["head_dim"], shapes["stored"]
-    r, m = hkv * (shapes["layers"] if on_read else 1), cap // 2  # on read: one call compacts every layer's rows
+    r, m = hkv * shapes["layers"], cap // 2  # one call compacts every layer's rows
     kk = torch.randn(r, cap, d, device=device, generator=g).to(dt)
     vv = torch.randn(r, cap, d, device=device, generator=g).to(dt)
     keep = torch.stack([torch.randperm(cap, device=device, generator=g)[:m].sort().values for _ in range(r)])
@@ -103,19 +102,12 @@ def check_moves(device, dt, name: str, shapes: dict, g, impl: str) -> list[dict]
     want_k = rotate_fp64(kk.gather(1, idx), delta, inv)
     bound = 2 * torch.finfo(dt).eps * want_k.abs().max().item() + 1e-6  # one rounding to the dtype
     k2, v2, rows = kk.clone(), vv.clone(), []
-    if on_read:
-        kernels.compact_(k2, v2, keep)
-        moved = bool(torch.equal(k2[:, :m], kk.gather(1, idx)) and torch.equal(v2[:, :m], vv.gather(1, idx)))
-        rows.append(dict(kernel="compact", impl=impl, dtype=name, rows=r, kept=m, slots=cap,
-                         max_abs_err=0.0 if moved else float("inf"), ok=moved))  # fmt: skip
-        got, ref = kernels.rotate_keys(k2[:, :m], delta, inv), kernels.rotate_keys_ref(k2[:, :m], delta, inv)
-        kernel = "rotate_keys"
-    else:
-        k3, v3 = kk.clone(), vv.clone()
-        kernels.compact_rerotate_(k2, v2, keep, delta, inv)
-        kernels.compact_rerotate_ref(k3, v3, keep, delta, inv)
-        got, ref, kernel = k2[:, :m], k3[:, :m], "compact_rerotate"
-        moved = bool(torch.equal(v2[:, :m], vv.gather(1, idx)))
+    kernels.compact_(k2, v2, keep)  # moves only; keys are rotated when they are read
+    moved = bool(torch.equal(k2[:, :m], kk.gather(1, idx)) and torch.equal(v2[:, :m], vv.gather(1, idx)))
+    rows.append(dict(kernel="compact", impl=impl, dtype=name, rows=r, kept=m, slots=cap,
+                     max_abs_err=0.0 if moved else float("inf"), ok=moved))  # fmt: skip
+    got, ref = kernels.rotate_keys(k2[:, :m], delta, inv), kernels.rotate_keys_ref(k2[:, :m], delta, inv)
+    kernel = "rotate_keys"
     err = (got.double() - ref.double()).abs().max().item()
     rows.append(dict(kernel=kernel, impl=impl, dtype=name, rows=r, kept=m, slots=cap, max_abs_err=err,
                      max_abs_err_vs_fp64=(got.double() - want_k).abs().max().item(), one_rounding=bound,
