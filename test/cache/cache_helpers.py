@@ -115,3 +115,16 @@ def oracle_forward(model, ids, vis, positions=None):
         return model(input_ids=ids, position_ids=positions, use_cache=False).logits
     finally:
         model.set_attn_implementation(old)
+
+
+def layer0_qk(model, ids, pos):
+    """Layer 0's rotated queries and keys of tiny_lm (4 query heads, 2 KV heads, head_dim 16), computed by hand."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    attn, layer = model.model.layers[0].self_attn, model.model.layers[0]
+    with torch.no_grad():
+        h = layer.input_layernorm(model.model.embed_tokens(ids))
+        q = attn.q_proj(h).view(1, ids.shape[1], 4, 16).transpose(1, 2)
+        k = attn.k_proj(h).view(1, ids.shape[1], 2, 16).transpose(1, 2)
+        cos, sin = model.model.rotary_emb(h, pos)
+        return apply_rotary_pos_emb(q, k, cos, sin)

@@ -2,9 +2,8 @@
 checked against the torch reference computed from the model's own projections (layer 0)."""
 
 import torch
-from cache_helpers import VOCAB, make_cache, stream, tiny_lm
+from cache_helpers import VOCAB, layer0_qk, make_cache, stream, tiny_lm
 from infmllm_ros.kernels import window_scores_ref
-from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from infmllm_ros.cache import CacheConfig, Candidates
 from infmllm_ros.cache.policies import make_policy
@@ -47,30 +46,20 @@ def test_streaming_llm_and_h2o_and_full():
     assert _policy(policy="saddle", budget=7).keep(c) is None  # everything fits
 
 
-def _layer0_qk(model, ids, pos):
-    attn, layer = model.model.layers[0].self_attn, model.model.layers[0]
-    with torch.no_grad():
-        h = layer.input_layernorm(model.model.embed_tokens(ids))
-        q = attn.q_proj(h).view(1, ids.shape[1], 4, 16).transpose(1, 2)
-        k = attn.k_proj(h).view(1, ids.shape[1], 2, 16).transpose(1, 2)
-        cos, sin = model.model.rotary_emb(h, pos)
-        return apply_rotary_pos_emb(q, k, cos, sin)
-
-
 def test_scores_handed_to_the_cache_are_the_window_scores_of_the_model():
     model = tiny_lm("qwen2")
     g = torch.Generator().manual_seed(0)
     a, b = torch.randint(0, VOCAB, (1, 9), generator=g), torch.randint(0, VOCAB, (1, 6), generator=g)
     saddle = make_cache(model, policy="saddle", budget=64, recent=2, window=4, max_chunk=16, max_new_tokens=1)
     stream(model, saddle, [(a, True), (b, True)])
-    q, k = _layer0_qk(model, torch.cat([a, b], 1), torch.arange(15)[None])
+    q, k = layer0_qk(model, torch.cat([a, b], 1), torch.arange(15)[None])
     want = window_scores_ref(q[:, :, -4:], k, 16**-0.5)[0]  # last W queries of chunk 2, every key
     assert (saddle.layers[0].window[:, :15] - want).abs().max().item() < 1e-6
 
     h2o = make_cache(model, policy="h2o", budget=64, recent=2, max_chunk=16, max_new_tokens=1)
     d = torch.randint(0, VOCAB, (1, 1), generator=g)
     stream(model, h2o, [(a, True), (d, False), (b, True)])
-    q, k = _layer0_qk(model, torch.cat([a, d, b], 1), torch.arange(16)[None])
+    q, k = layer0_qk(model, torch.cat([a, d, b], 1), torch.arange(16)[None])
     want = torch.zeros(2, 16)
     for lo, hi in ((0, 9), (9, 10), (10, 16)):  # every step, decode included: raw column sums, accumulated
         want[:, :hi] += window_scores_ref(q[:, :, lo:hi], k[:, :, :hi], 16**-0.5, normalize=False)[0]

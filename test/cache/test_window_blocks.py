@@ -3,11 +3,10 @@ the key count, GQA, window = whole chunk), and no temporary of size W x N (count
 
 import pytest
 import torch
-from cache_helpers import VOCAB, make_cache, stream, tiny_lm
+from cache_helpers import VOCAB, layer0_qk, make_cache, stream, tiny_lm
 from infmllm_ros.kernels import window_scores_ref
 from infmllm_ros.kernels.window_scores import block_for
 from torch.utils._python_dispatch import TorchDispatchMode
-from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 
 def dense_fp64(q, k, scaling, normalize):
@@ -79,16 +78,6 @@ def test_block_size_holds_the_element_budget():
     assert block_for(64, 4096, 10**6) == MIN_BLOCK
 
 
-def _layer0_qk(model, ids, pos):
-    attn, layer = model.model.layers[0].self_attn, model.model.layers[0]
-    with torch.no_grad():
-        h = layer.input_layernorm(model.model.embed_tokens(ids))
-        q = attn.q_proj(h).view(1, ids.shape[1], 4, 16).transpose(1, 2)
-        k = attn.k_proj(h).view(1, ids.shape[1], 2, 16).transpose(1, 2)
-        cos, sin = model.model.rotary_emb(h, pos)
-        return apply_rotary_pos_emb(q, k, cos, sin)
-
-
 @pytest.mark.parametrize("window,voters", [(0, 11), (4, 4), (50, 11)])
 def test_window_zero_means_every_query_of_the_chunk_votes(window, voters):
     """Layer 0's scores in the cache after chunk 2 (11 tokens) = the dense fp64 scores of its last `voters` queries."""
@@ -97,7 +86,7 @@ def test_window_zero_means_every_query_of_the_chunk_votes(window, voters):
     a, b = torch.randint(0, VOCAB, (1, 9), generator=g), torch.randint(0, VOCAB, (1, 11), generator=g)
     cache = make_cache(model, policy="saddle", budget=64, recent=2, window=window, max_chunk=16, max_new_tokens=1)
     stream(model, cache, [(a, True), (b, True)])
-    q, k = _layer0_qk(model, torch.cat([a, b], 1), torch.arange(20)[None])
+    q, k = layer0_qk(model, torch.cat([a, b], 1), torch.arange(20)[None])
     want = dense_fp64(q[:, :, -voters:], k, 16**-0.5, True)[0]
     assert (cache.layers[0].window[:, :20].double() - want).abs().max().item() < 1e-6
 

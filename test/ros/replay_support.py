@@ -104,6 +104,14 @@ def sent_so_far(log: Path) -> int:
     return int(counts[-1]) if counts else 0
 
 
+def start_replay(source, log: Path, domain: int) -> subprocess.Popen:
+    """infmllm-replay of `source` once one subscriber is there, its progress lines written to `log` (for
+    wait_until_sent / sent_so_far)."""
+    with open(log, "w") as f:
+        return subprocess.Popen(cli("infmllm-replay", source, "--wait-for-subscribers", "1", "--progress", "always"),
+                                env=env(domain), stdout=subprocess.DEVNULL, stderr=f)
+
+
 def wait_until_sent(log: Path, n: int, play: subprocess.Popen, timeout: float = 60) -> None:
     """Poll the player's progress line until it has sent n messages."""
     deadline = time.monotonic() + timeout

@@ -7,7 +7,6 @@ stream, identical field by field.
 
 import resource
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -36,10 +35,7 @@ def test_signal_mid_recording_leaves_valid_complete_bag(tmp_path, source, sig):
     play_log = tmp_path / "play.log"
     try:
         rec.wait_ready()
-        with open(play_log, "w") as log:
-            play = subprocess.Popen(rs.cli("infmllm-replay", source, "--wait-for-subscribers", "1",
-                                           "--progress", "always"),
-                                    env=rs.env(DOMAIN), stdout=subprocess.DEVNULL, stderr=log)
+        play = rs.start_replay(source, play_log, DOMAIN)
         rs.wait_until_sent(play_log, 15, play)  # 1.5 s of frames on the wire, 3.5 s still to come
         assert rec.stop(sig) == 0, rec.text()
         assert play.wait(60) == 0, play_log.read_text()  # the player does not care that a subscriber left

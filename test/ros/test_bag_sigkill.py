@@ -9,7 +9,6 @@ had sent when the kill came, as an unbroken prefix of the source identical byte 
 
 import random
 import signal
-import subprocess
 import sys
 from pathlib import Path
 
@@ -50,10 +49,7 @@ def test_sigkill_loses_at_most_the_flush_interval(tmp_path, source, storage):
     play_log = tmp_path / "play.log"
     try:
         rec.wait_ready()
-        with open(play_log, "w") as log:
-            play = subprocess.Popen(rs.cli("infmllm-replay", source, "--wait-for-subscribers", "1",
-                                           "--progress", "always"),
-                                    env=rs.env(DOMAIN), stdout=subprocess.DEVNULL, stderr=log)
+        play = rs.start_replay(source, play_log, DOMAIN)
         rs.wait_until_sent(play_log, kill_at, play)
         sent = rs.sent_so_far(play_log)  # a lower bound: the progress line lags by up to 0.1 s
         rec.stop(signal.SIGKILL)
