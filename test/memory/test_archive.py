@@ -31,7 +31,8 @@ def test_bytes_per_frame_is_the_file_size(tmp_path):
     a = FrameArchive(tmp_path, 10**6, L, H, D, rows=3)
     k, v, pos = frame(0, n=5, rows=3)
     assert a.add(0, 0.0, k, v, pos)
-    # hand count: 44-byte header (4 magic + 8 id + 5*4 shape + 8 length + 4 crc), int8 K and V, fp16 scale per (layer, head, channel) for each, int64 positions
+    # hand count: 44-byte header (4 magic + 8 id + 5*4 shape + 8 length + 4 crc), int8 K and V,
+    # one fp16 scale per (layer, head, channel) for each, int64 positions
     assert a.bytes_per_frame(5) == 44 + 2 * (L * H * 5 * D) + 2 * (L * H * D * 2) + 5 * 3 * 8
     assert files_bytes(tmp_path) == a.bytes_per_frame(5)
 
@@ -49,7 +50,7 @@ def test_bound_holds_and_thinning_keeps_far_past(tmp_path):
     assert stamps[0] == 0.0 and stamps[-1] == 1999.0  # the far past stays represented
     # evenly thinned: no gap is more than a few times the even spacing 1999 / 39, and the first quarter of the
     # stream keeps about a quarter of the frames (oldest-first dropping would keep none of it)
-    gaps = [b - a_ for a_, b in zip(stamps, stamps[1:])]
+    gaps = [b - a_ for a_, b in zip(stamps, stamps[1:], strict=False)]
     assert max(gaps) <= 4 * 1999 / 39
     assert sum(s < 500 for s in stamps) >= 6
 
@@ -127,7 +128,7 @@ def test_state_open_round_trip(tmp_path):
         ea, eb = a.frames[i], b.frames[i]
         assert (ea.stamp, ea.n, ea.pos_min, ea.pos_max) == (eb.stamp, eb.n, eb.pos_min, eb.pos_max)
         assert torch.equal(ea.rep, eb.rep)
-        for x, y in zip(a.get(i), b.get(i)):
+        for x, y in zip(a.get(i), b.get(i), strict=True):
             assert torch.equal(x, y)
     with pytest.raises(ValueError):
         FrameArchive.open(tmp_path, {**state, "version": 99})
@@ -149,3 +150,29 @@ def test_top_ranks_the_frame_aligned_with_the_query_first(tmp_path):
     # hand oracle for frame 4: rep = 2 * direction (mean of equal keys), best query token 3 * direction
     expect = (3.0 * 2.0) / D ** 0.5
     assert abs(float(scores[ids.index(4)]) - expect) < 0.05 * expect
+
+
+REAL_FAULT = """
+import resource, signal, sys, torch
+from infmllm_ros.memory import FrameArchive
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the kernel then fails the write with EFBIG instead of killing us
+a = FrameArchive(sys.argv[1], 10**6, 2, 2, 8)
+k = torch.randn(2, 2, 4, 8)
+pos = torch.arange(4).unsqueeze(1)
+assert a.add(0, 0.0, k, k, pos)
+resource.setrlimit(resource.RLIMIT_FSIZE, (100, resource.RLIM_INFINITY))  # a page is > 100 bytes
+ok = a.add(1, 1.0, k, k, pos)
+print(ok, a.write_errors, a.get(0) is not None, sorted(__import__("os").listdir(sys.argv[1])))
+"""
+
+
+def test_real_write_fault_file_size_limit(tmp_path):
+    """The OS refuses the write (RLIMIT_FSIZE -> EFBIG, a real OSError like ENOSPC): add False, no exception."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    out = subprocess.run([sys.executable, "-c", REAL_FAULT, str(tmp_path)], capture_output=True, text=True,
+                         env=env, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False 1 True ['000000000000.kvp']"
