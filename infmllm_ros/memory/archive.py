@@ -239,7 +239,7 @@ class FrameArchive:
         self = cls(path, fsync=fsync, _clear=False, **state["config"])
         for key, value in state["counters"].items():
             setattr(self, key, int(value))
-        # a disk fault before the snapshot need not persist after a restart: archiving resumes
+        # `stopped` is not restored on purpose: a disk fault before the snapshot may be gone after a restart
         shape = (self.layers, self.heads, self.head_dim)
         for f in state["frames"]:
             full = os.path.join(self.path, f["file"])
