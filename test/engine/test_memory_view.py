@@ -2,7 +2,7 @@
 
 memory(): the test keeps its own map of which stream indices each frame occupies (from the token counts observe()
 returns and the cache's seen counter) and counts the cache's kept_indices() by hand, for every policy over a
-300-frame stream. evidence: with nothing evicted, the question's attention mass per frame equals the one read from
+300-frame stream. evidence: with nothing evicted, the ranking and shares equal those read from
 an eager full forward of the same token sequence (output_attentions), summed over layers, heads and question rows.
 """
 
@@ -13,6 +13,7 @@ from engine_helpers import frame, make_session
 from test_session_oracle import encode_segment, merge_pixels
 
 from infmllm_ros.cache import CacheConfig
+from infmllm_ros.engine import memory_view
 from infmllm_ros.engine.frames import fit
 from infmllm_ros.engine.tiny import tiny_model
 
@@ -108,7 +109,13 @@ def test_evidence_equals_eager_attention_mass():
     col = sum(att[0, :, -n_q:, :].double().sum((0, 1)) for att in out.attentions)  # [N] mass per key
     starts = np.cumsum([len(s._prefix_ids)] + ns)
     per_frame = np.array([float(col[b - n:b].sum()) for n, b in zip(ns, starts[1:], strict=True)])
-    weights = per_frame / per_frame.sum()
+    # ranking: the last EVIDENCE_QUERIES queries in the later half of the layers, times (frames newer + 1)**RECENCY
+    n_r = min(memory_view.EVIDENCE_QUERIES, n_q)
+    late = out.attentions[len(out.attentions) // 2:]
+    col_r = sum(att[0, :, -n_r:, :].double().sum((0, 1)) for att in late)
+    ranked = np.array([float(col_r[b - n:b].sum()) * (len(ns) - k) ** memory_view.RECENCY
+                       for k, (n, b) in enumerate(zip(ns, starts[1:], strict=True))])
+    weights = ranked / ranked.sum()
     want = sorted(zip(weights, stamps, strict=True), reverse=True)[:3]
     got = ans.evidence["frames"]
     assert [g["stamp"] for g in got] == [st for _w, st in want]
