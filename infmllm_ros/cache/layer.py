@@ -4,7 +4,8 @@ Slots 0..stored-1 hold the kept tokens in temporal order (per KV head: heads may
 same count). `seen` counts every token ever fed. transformers reads `get_seq_length()` (= seen) for its query
 offset and `get_mask_sizes(q)` = (stored + q, seen - stored), which places every stored token before the queries.
 
-Keys stay as the model rotated them (at the token's original position); `offset` = current - original position.
+Keys stay as the model rotated them (at the token's original position); `offset` [H, cap, rows] = current - original
+position per position row (M-RoPE rows may move apart; each rotary section turns by its own row).
 `update` hands attention the keys turned by offset (rotate-on-read): one rotation from the model's own key.
 """
 
@@ -28,7 +29,7 @@ class BoundedLayer(CacheLayerMixin):
         self.keys = owner.keys[idx : idx + 1]  # [1, H, cap, D]
         self.values = owner.values[idx : idx + 1]
         for name in ("pos", "offset", "index", "chunk", "window", "accumulated"):
-            setattr(self, name, getattr(owner, name)[idx])  # [H, cap] ([H, cap, rows] for pos)
+            setattr(self, name, getattr(owner, name)[idx])  # [H, cap] ([H, cap, rows] for pos and offset)
         self.device, self.dtype = owner.keys.device, owner.keys.dtype
         self.is_initialized = True
         self.stored = self.seen = self.scored = 0
@@ -62,13 +63,13 @@ class BoundedLayer(CacheLayerMixin):
         self.stored, self.seen = n, self.seen + q
         keys = self.keys[:, :, :n]
         if self.owner.turned:  # some kept key sits at a position other than the one it was rotated at
-            keys = rotate_keys(keys[0], self.offset[:, :n], self.owner.inv_freq)[None]
+            keys = rotate_keys(keys[0], self.offset[:, :n], self.owner.inv_freq, self.owner.freq_rows)[None]
         return keys, self.values[:, :, :n]
 
     def current_keys(self):
         """[H, stored, D] the keys as attention reads them (rotated at their current positions)."""
         n = self.stored
-        return rotate_keys(self.keys[0, :, :n], self.offset[:, :n], self.owner.inv_freq)
+        return rotate_keys(self.keys[0, :, :n], self.offset[:, :n], self.owner.inv_freq, self.owner.freq_rows)
 
     def record_scores(self, scores, mode: str) -> None:
         """Scores [H, n] of this forward's attention (n = stored); "window" replaces, "every_step" accumulates."""
