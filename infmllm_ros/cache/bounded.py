@@ -31,7 +31,12 @@ def _shape(text_config) -> tuple[int, int, int]:
 
 
 class BoundedCache(Cache):
-    def __init__(self, config: CacheConfig, model_config, device="cpu", dtype=torch.float32):
+    def __init__(self, config: CacheConfig, model_config, device="cpu", dtype=torch.float32, read_copy=None):
+        """read_copy: keep the keys attention reads (turned to their current positions) in a buffer of their own,
+        rebuilt once per layer after each eviction, instead of turning every stored key at every forward. Costs
+        one more K buffer (layers x kv_heads x capacity x head_dim x itemsize). None: on CPU, where turning costs
+        milliseconds per layer per step; not on CUDA, where the fused Triton turn costs little and memory is scarce.
+        Only an evicting policy in reindex mode ever turns a key; otherwise there is nothing to copy."""
         text = text_config_of(model_config)
         kinds = set(getattr(text, "layer_types", None) or ["full_attention"])
         if kinds != {"full_attention"}:
@@ -47,7 +52,10 @@ class BoundedCache(Cache):
         self.freq_rows = freq_rows_of(self.sections, device)  # [F] position row of each frequency; None: 1-D
         device = torch.device(device)
         n_layers, heads, head_dim = _shape(text)
-        need = self.kv_bytes_for(config, model_config, dtype)
+        if read_copy is None:
+            read_copy = device.type != "cuda"
+        self.read_copy = bool(read_copy) and _turns_keys(config)
+        need = self.kv_bytes_for(config, model_config, dtype, self.read_copy)
         if device.type == "cuda":
             free, _total = torch.cuda.mem_get_info(device)
             if need > free:
@@ -57,6 +65,9 @@ class BoundedCache(Cache):
         try:
             self.keys = torch.zeros(*shape, head_dim, device=device, dtype=dtype)
             self.values = torch.zeros(*shape, head_dim, device=device, dtype=dtype)
+            # what attention reads: the keys turned to their current positions, refreshed once per layer after
+            # each eviction (offsets change only there), not at every forward. Absolute mode never turns a key.
+            self.read_keys = torch.zeros_like(self.keys) if self.read_copy else self.keys
         except (RuntimeError, MemoryError) as e:
             raise MemoryError(f"BoundedCache: cannot allocate {need / 2**20:.1f} MiB of K/V buffers: {e}") from e
         self.pos = torch.zeros(*shape, self.rows, device=device, dtype=torch.long)  # current position rows per slot
@@ -72,10 +83,12 @@ class BoundedCache(Cache):
 
     # ---- sizes -------------------------------------------------------------------------------------------------
     @staticmethod
-    def kv_bytes_for(config: CacheConfig, model_config, dtype=torch.float32) -> int:
-        """Bytes of the K and V buffers: 2 x layers x kv_heads x capacity x head_dim x itemsize."""
+    def kv_bytes_for(config: CacheConfig, model_config, dtype=torch.float32, read_copy: bool = False) -> int:
+        """Bytes of the K and V buffers (+ the read copy of K when the cache keeps one, see __init__): (2 or 3) x
+        layers x kv_heads x capacity x head_dim x itemsize."""
         n_layers, heads, head_dim = _shape(text_config_of(model_config))
-        return 2 * n_layers * heads * config.capacity * head_dim * torch.empty((), dtype=dtype).element_size()
+        one = n_layers * heads * config.capacity * head_dim * torch.empty((), dtype=dtype).element_size()
+        return (3 if read_copy and _turns_keys(config) else 2) * one
 
     @property
     def stored(self) -> int:
@@ -87,7 +100,8 @@ class BoundedCache(Cache):
 
     @property
     def kv_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.keys, self.values))
+        bufs = (self.keys, self.values) + ((self.read_keys,) if self.read_keys is not self.keys else ())
+        return sum(t.numel() * t.element_size() for t in bufs)
 
     def stats(self) -> dict:
         return {
@@ -104,8 +118,8 @@ class BoundedCache(Cache):
         self.evictions = 0
         self.row_squeezes = 0  # evictions whose M-RoPE positions were squeezed row by row (the bound's fallback)
         self.decoded = 0  # tokens decoded since the last prefill
+        self.turned = False  # some stored key's offset may be non-zero (set by a re-indexing eviction)
         self.forward_id = -1
-        self.turned = False  # some stored key's offset is non-zero: attention reads them rotated
         self.prefill = False
         self._pending = None
 
@@ -209,6 +223,7 @@ class BoundedCache(Cache):
             flat[:, :m] = flat.gather(1, keep)
         for layer in self.layers:
             layer.stored = layer.scored = m
+            layer.stale = self.read_copy  # its read copy is rebuilt at its next read
         self.evictions += 1
 
     def _reindex(self, keep: torch.Tensor):
@@ -239,6 +254,13 @@ class BoundedCache(Cache):
         self.row_squeezes += 1
         return torch.where(wide[:, None, None], row_delta, span_delta), top
 
+    def invalidate_read_keys(self) -> None:
+        """Whoever writes keys or offsets other than through update/end_chunk (a restored snapshot) calls this: every
+        layer then rebuilds its read copy from keys + offset at its next read."""
+        self.turned = True
+        for layer in self.layers:
+            layer.stale = self.read_copy
+
     def kept_positions(self, row: int = 0) -> torch.Tensor:
         """[layers, H, stored] positions (one row) of the stored tokens; in absolute mode, their stream positions."""
         return torch.stack([layer.pos[:, : layer.stored, row] for layer in self.layers])
@@ -246,6 +268,11 @@ class BoundedCache(Cache):
     def kept_indices(self) -> torch.Tensor:
         """[layers, H, stored] stream indices (0 = first token fed) of the stored tokens."""
         return torch.stack([layer.index[:, : layer.stored] for layer in self.layers])
+
+
+def _turns_keys(config: CacheConfig) -> bool:
+    """Does this cache ever turn a key? Only when it evicts and re-indexes."""
+    return config.positions == "reindex" and config.policy != "full"
 
 
 def _squeeze(lo: torch.Tensor, hi: torch.Tensor, end: int):

@@ -37,8 +37,8 @@ def tiny_lm(family="llama", layers=2, heads=4, kv_heads=2, seed=0, **extra):
     return model
 
 
-def make_cache(model, **cfg):
-    return BoundedCache(CacheConfig(**cfg), model.config, "cpu", torch.float32)
+def make_cache(model, read_copy=None, **cfg):
+    return BoundedCache(CacheConfig(**cfg), model.config, "cpu", torch.float32, read_copy=read_copy)
 
 
 @torch.no_grad()
