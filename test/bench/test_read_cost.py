@@ -9,8 +9,8 @@ def test_read_cost_writes_both_paths_and_renders(tmp_path):
     out = tmp_path / "bench"
     assert read_cost.main(["--budget", "24", "--chunk", "8", "--new", "4", "--reps", "2", "--out", str(out)]) == 0
     res = json.loads((out / "read_cost.json").read_text())
-    assert [(r["rope"], r["dtype"]) for r in res["rows"]] == [("1d", "float32"), ("1d", "bfloat16"),
-                                                              ("mrope", "float32"), ("mrope", "bfloat16")]
+    kinds = [(r["rope"], r["dtype"]) for r in res["rows"]]
+    assert kinds == [("1d", "float32"), ("1d", "bfloat16"), ("mrope", "float32"), ("mrope", "bfloat16")]
     for r in res["rows"]:
         assert r["slots"] == 24 + 8 + 4
         one = 1 * 2 * r["slots"] * 128 * (4 if r["dtype"] == "float32" else 2)  # layers x KV heads x slots x dim
