@@ -11,6 +11,7 @@ import sys
 # The one registry of subcommands: name -> (module with a main(argv) function, one-line help).
 COMMANDS = {
     "cache-cost": ("infmllm_ros.bench.cache_cost", "per-chunk latency and KV bytes vs stream length, every policy"),
+    "read-cost": ("infmllm_ros.bench.read_cost", "stored keys read per decode step: rotate-on-read vs read copy"),
     "train-lm": ("infmllm_ros.bench.train_lm", "train the in-house byte-level Llama on the KJV text (time-boxed)"),
     "text": ("infmllm_ros.bench.text_ppl", "streaming perplexity of every policy vs the recompute reference"),
     "cost": ("infmllm_ros.bench.cost", "latency, KV bytes, peak memory vs stream length, ratios to StreamingLLM"),

@@ -112,6 +112,19 @@ def check_moves(device, dt, name: str, shapes: dict, g, impl: str) -> list[dict]
     rows.append(dict(kernel=kernel, impl=impl, dtype=name, rows=r, kept=m, slots=cap, max_abs_err=err,
                      max_abs_err_vs_fp64=(got.double() - want_k).abs().max().item(), one_rounding=bound,
                      values_moved_exactly=moved, ok=err <= bound and moved))  # fmt: skip
+    # M-RoPE: each t/h/w row moved by its own delta (the bound's row-by-row squeeze), each section turned by its row
+    f = d // 2
+    sections = [f // 4, f - f // 4 - (f - f // 4) // 2, (f - f // 4) // 2]  # Qwen2-VL's 16/24/24 at head_dim 128
+    freq_rows = torch.cat([torch.full((n,), i, dtype=torch.long) for i, n in enumerate(sections)]).to(device)
+    delta3 = -torch.randint(0, cap // 2, (r, m, 3), device=device, generator=g)
+    ang = delta3[..., freq_rows].double() * inv.double()
+    x1, x2 = kk.gather(1, idx).double().split(f, -1)
+    want3 = torch.cat([x1 * ang.cos() - x2 * ang.sin(), x2 * ang.cos() + x1 * ang.sin()], -1)
+    got = kernels.rotate_keys(k2[:, :m], delta3, inv, freq_rows)
+    err = (got.double() - kernels.rotate_keys_ref(k2[:, :m], delta3, inv, freq_rows).double()).abs().max().item()
+    rows.append(dict(kernel=kernel, impl=f"{impl}, M-RoPE rows", dtype=name, rows=r, kept=m, slots=cap,
+                     max_abs_err=err, max_abs_err_vs_fp64=(got.double() - want3).abs().max().item(),
+                     one_rounding=bound, values_moved_exactly=moved, ok=err <= bound and moved))  # fmt: skip
     return rows
 
 

@@ -21,6 +21,7 @@ from infmllm_ros.bench import (
     evidence,
     gpu_check,
     metrics,
+    read_cost,
     real_size,
     recall,
     text_ppl,
@@ -29,13 +30,14 @@ from infmllm_ros.bench import (
 )
 
 RENDERERS = {"train_lm": train_lm, "text_ppl": text_ppl, "cost": cost, "cache_cost": cache_cost_view,
-             "cache_layer_scaling": cache_scaling_view, "recall": recall,
+             "cache_layer_scaling": cache_scaling_view, "read_cost": read_cost, "recall": recall,
              "evidence": evidence, "window_compare": window_compare, "real_size": real_size, "actions": actions,
              "gpu_check": gpu_check}
-ORDER = ["train_lm", "text_ppl", "cost", "cache_cost", "cache_layer_scaling", "recall", "evidence", "window_compare",
+ORDER = ["train_lm", "text_ppl", "cost", "cache_cost", "cache_layer_scaling", "read_cost", "recall", "evidence",
+         "window_compare",
          "real_size", "actions", "gpu_check"]
 TITLES = {"train_lm": "Model", "text_ppl": "Quality", "cost": "Cost", "cache_cost": "Cache cost",
-          "cache_layer_scaling": "Eviction cost vs layers",
+          "cache_layer_scaling": "Eviction cost vs layers", "read_cost": "Reading the keys per decode step",
           "recall": "Recall vs distance", "evidence": "Answer evidence", "window_compare": "Retrieval window",
           "real_size": "Real-size shapes vs plain transformers", "actions": "Constrained actions",
           "gpu_check": "GPU check"}

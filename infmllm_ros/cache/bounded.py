@@ -19,7 +19,7 @@ from ..kernels import compact_, window_scores
 from .config import CacheConfig
 from .layer import BoundedLayer
 from .policies import Candidates, make_policy
-from .rope import head_dim_of, inv_freq_from_config, mrope_section_of, text_config_of
+from .rope import freq_rows_of, head_dim_of, inv_freq_from_config, mrope_section_of, text_config_of
 
 FORWARD_KWARG = "bounded_cache"
 
@@ -31,7 +31,12 @@ def _shape(text_config) -> tuple[int, int, int]:
 
 
 class BoundedCache(Cache):
-    def __init__(self, config: CacheConfig, model_config, device="cpu", dtype=torch.float32):
+    def __init__(self, config: CacheConfig, model_config, device="cpu", dtype=torch.float32, read_copy=None):
+        """read_copy: keep the keys attention reads (turned to their current positions) in a buffer of their own,
+        rebuilt once per layer after each eviction, instead of turning every stored key at every forward. Costs
+        one more K buffer (layers x kv_heads x capacity x head_dim x itemsize). None: on CPU, where turning costs
+        milliseconds per layer per step; not on CUDA, where the fused Triton turn costs little and memory is scarce.
+        Only an evicting policy in reindex mode ever turns a key; otherwise there is nothing to copy."""
         text = text_config_of(model_config)
         kinds = set(getattr(text, "layer_types", None) or ["full_attention"])
         if kinds != {"full_attention"}:
@@ -41,9 +46,16 @@ class BoundedCache(Cache):
         self.sections = mrope_section_of(text)  # None: 1-D RoPE; else Qwen2-VL M-RoPE (3 position rows)
         self.rows = 3 if self.sections else 1
         self.inv_freq = inv_freq_from_config(text, device)
+        if self.sections and sum(self.sections) != self.inv_freq.numel():
+            raise ValueError(f"M-RoPE sections {self.sections} must sum to the {self.inv_freq.numel()} rotary "
+                             "frequencies")  # fmt: skip
+        self.freq_rows = freq_rows_of(self.sections, device)  # [F] position row of each frequency; None: 1-D
         device = torch.device(device)
         n_layers, heads, head_dim = _shape(text)
-        need = self.kv_bytes_for(config, model_config, dtype)
+        if read_copy is None:
+            read_copy = device.type != "cuda"
+        self.read_copy = bool(read_copy) and _turns_keys(config)
+        need = self.kv_bytes_for(config, model_config, dtype, self.read_copy)
         if device.type == "cuda":
             free, _total = torch.cuda.mem_get_info(device)
             if need > free:
@@ -53,10 +65,14 @@ class BoundedCache(Cache):
         try:
             self.keys = torch.zeros(*shape, head_dim, device=device, dtype=dtype)
             self.values = torch.zeros(*shape, head_dim, device=device, dtype=dtype)
+            # what attention reads: the keys turned to their current positions, refreshed once per layer after
+            # each eviction (offsets change only there), not at every forward. Absolute mode never turns a key.
+            self.read_keys = torch.zeros_like(self.keys) if self.read_copy else self.keys
         except (RuntimeError, MemoryError) as e:
             raise MemoryError(f"BoundedCache: cannot allocate {need / 2**20:.1f} MiB of K/V buffers: {e}") from e
         self.pos = torch.zeros(*shape, self.rows, device=device, dtype=torch.long)  # current position rows per slot
-        self.offset = torch.zeros(shape, device=device, dtype=torch.long)  # current - position the key was rotated at
+        # current - position the key was rotated at, per position row (M-RoPE rows can move by different amounts)
+        self.offset = torch.zeros(*shape, self.rows, device=device, dtype=torch.long)
         self.index = torch.zeros(shape, device=device, dtype=torch.long)  # stream index per slot
         self.chunk = torch.zeros(shape, device=device, dtype=torch.long)
         self.window = torch.zeros(shape, device=device, dtype=torch.float32)
@@ -67,10 +83,12 @@ class BoundedCache(Cache):
 
     # ---- sizes -------------------------------------------------------------------------------------------------
     @staticmethod
-    def kv_bytes_for(config: CacheConfig, model_config, dtype=torch.float32) -> int:
-        """Bytes of the K and V buffers: 2 x layers x kv_heads x capacity x head_dim x itemsize."""
+    def kv_bytes_for(config: CacheConfig, model_config, dtype=torch.float32, read_copy: bool = False) -> int:
+        """Bytes of the K and V buffers (+ the read copy of K when the cache keeps one, see __init__): (2 or 3) x
+        layers x kv_heads x capacity x head_dim x itemsize."""
         n_layers, heads, head_dim = _shape(text_config_of(model_config))
-        return 2 * n_layers * heads * config.capacity * head_dim * torch.empty((), dtype=dtype).element_size()
+        one = n_layers * heads * config.capacity * head_dim * torch.empty((), dtype=dtype).element_size()
+        return (3 if read_copy and _turns_keys(config) else 2) * one
 
     @property
     def stored(self) -> int:
@@ -82,7 +100,8 @@ class BoundedCache(Cache):
 
     @property
     def kv_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.keys, self.values))
+        bufs = (self.keys, self.values) + ((self.read_keys,) if self.read_keys is not self.keys else ())
+        return sum(t.numel() * t.element_size() for t in bufs)
 
     def stats(self) -> dict:
         return {
@@ -97,9 +116,10 @@ class BoundedCache(Cache):
         self.next_position = 0  # where the session's next chunk starts
         self.chunks = 0  # prefill chunks fed so far
         self.evictions = 0
+        self.row_squeezes = 0  # evictions whose M-RoPE positions were squeezed row by row (the bound's fallback)
         self.decoded = 0  # tokens decoded since the last prefill
+        self.turned = False  # some stored key's offset may be non-zero (set by a re-indexing eviction)
         self.forward_id = -1
-        self.turned = False  # some stored key's offset is non-zero: attention reads them rotated
         self.prefill = False
         self._pending = None
 
@@ -188,42 +208,58 @@ class BoundedCache(Cache):
         rows = n_layers * heads
         keep = keep.reshape(rows, m)
         if self.config.positions == "reindex":
-            delta, end = self._reindex(keep)
-            self.next_position = int(end)  # the one host sync of an eviction
+            delta, self.next_position = self._reindex(keep)  # [R, m, rows]
             self.turned = True
         else:
-            delta = torch.zeros_like(keep)
+            delta = torch.zeros_like(keep)[..., None]
         compact_(self.keys.view(rows, self.config.capacity, -1), self.values.view(rows, self.config.capacity, -1),
                  keep)  # fmt: skip
-        pos = self.pos.view(rows, self.config.capacity, self.rows)
-        pos[:, :m] = pos.gather(1, keep[..., None].expand(-1, -1, self.rows)) + delta[..., None]
-        offset = self.offset.view(rows, -1)
-        offset[:, :m] = offset.gather(1, keep) + delta
+        kept_rows = keep[..., None].expand(-1, -1, self.rows)
+        for meta in (self.pos, self.offset):
+            flat = meta.view(rows, self.config.capacity, self.rows)
+            flat[:, :m] = flat.gather(1, kept_rows) + delta
         for meta in (self.index, self.chunk, self.window, self.accumulated):
             flat = meta.view(rows, -1)
             flat[:, :m] = flat.gather(1, keep)
         for layer in self.layers:
             layer.stored = layer.scored = m
+            layer.stale = self.read_copy  # its read copy is rebuilt at its next read
         self.evictions += 1
 
     def _reindex(self, keep: torch.Tensor):
-        """Squeeze out every position no kept token covers. Each token spans [min row, max row] of its positions; a
-        position is freed when no kept token of that (layer, head) covers it (evicted tokens' positions, and gaps
-        left by earlier alignment), then every (layer, head) is right-aligned on the newest kept token.
-        keep [R, m] over R = layers x heads rows. Returns (delta [R, m] for the kept tokens, new next_position as a
-        0-d tensor)."""
+        """Squeeze out every position no kept token covers, then right-align every (layer, head) on the newest kept
+        token. keep [R, m] over R = layers x heads rows. Returns (delta [R, m, rows] for the kept tokens, the new
+        next_position as an int).
+
+        Span squeeze (always tried): each token spans [min row, max row] of its positions and moves as a whole (an
+        image keeps its t/h/w layout); a position is freed when no kept token of that (layer, head) covers it. For
+        1-D RoPE that leaves <= m positions. An M-RoPE image token spans up to max(h, w) positions, so m kept tokens
+        can cover more than the budget: then the (layer, head)s whose squeeze ends past the budget squeeze each
+        position row alone (a token uses one position per row, so each row keeps <= m <= budget positions), which
+        proves next_position <= budget after every eviction. Host syncs: one, two when that fallback runs."""
         rows, n, end = keep.shape[0], self.stored, self.next_position
         pos = self.pos.view(rows, self.config.capacity, self.rows)[:, :n]
-        lo, hi = pos.min(-1).values.gather(1, keep), pos.max(-1).values.gather(1, keep)  # [R, m] kept spans
-        marks = torch.zeros(rows, end + 1, dtype=torch.long, device=pos.device)
-        marks.scatter_add_(1, lo, torch.ones_like(lo))
-        marks.scatter_add_(1, hi + 1, -torch.ones_like(hi))
-        used = marks.cumsum(-1)[:, :end] > 0  # [R, end] positions covered by a kept token
-        shift = torch.cumsum(~used, -1) - (~used).long()  # freed positions before p
-        delta = -shift.gather(1, lo)
-        ends = used.sum(-1)  # [R] each row's new next position
-        top = ends.max()
-        return delta + (top - ends)[:, None], top
+        kept = pos.gather(1, keep[..., None].expand(-1, -1, self.rows))  # [R, m, rows]
+        delta, ends = _squeeze(kept.min(-1).values, kept.max(-1).values, end)  # [R, m], [R]
+        top = int(ends.max())  # the host sync of an eviction
+        if top <= self.config.budget:
+            return (delta + (top - ends)[:, None])[..., None], top
+        per_row = kept.permute(0, 2, 1).reshape(rows * self.rows, -1)  # [R x rows, m]: every row alone
+        row_delta, row_ends = _squeeze(per_row, per_row, end)
+        row_delta, row_ends = row_delta.view(rows, self.rows, -1).permute(0, 2, 1), row_ends.view(rows, self.rows)
+        wide = ends > self.config.budget  # [R]: the (layer, head)s whose span squeeze ends past the budget
+        top = int(torch.where(wide, row_ends.max(-1).values, ends).max())  # <= m <= budget: the second sync
+        row_delta = row_delta + (top - row_ends)[:, None, :]  # each row right-aligned: the newest token at top - 1
+        span_delta = (delta + (top - ends)[:, None])[..., None]
+        self.row_squeezes += 1
+        return torch.where(wide[:, None, None], row_delta, span_delta), top
+
+    def invalidate_read_keys(self) -> None:
+        """Whoever writes keys or offsets other than through update/end_chunk (a restored snapshot) calls this: every
+        layer then rebuilds its read copy from keys + offset at its next read."""
+        self.turned = True
+        for layer in self.layers:
+            layer.stale = self.read_copy
 
     def kept_positions(self, row: int = 0) -> torch.Tensor:
         """[layers, H, stored] positions (one row) of the stored tokens; in absolute mode, their stream positions."""
@@ -232,3 +268,19 @@ class BoundedCache(Cache):
     def kept_indices(self) -> torch.Tensor:
         """[layers, H, stored] stream indices (0 = first token fed) of the stored tokens."""
         return torch.stack([layer.index[:, : layer.stored] for layer in self.layers])
+
+
+def _turns_keys(config: CacheConfig) -> bool:
+    """Does this cache ever turn a key? Only when it evicts and re-indexes."""
+    return config.positions == "reindex" and config.policy != "full"
+
+
+def _squeeze(lo: torch.Tensor, hi: torch.Tensor, end: int):
+    """Kept spans [lo, hi] ([R, m] positions < end) -> (delta [R, m]: minus the positions no span covers below each
+    lo, ends [R]: positions still covered). Removing uncovered positions keeps every span whole and every order."""
+    marks = torch.zeros(lo.shape[0], end + 1, dtype=torch.long, device=lo.device)
+    marks.scatter_add_(1, lo, torch.ones_like(lo))
+    marks.scatter_add_(1, hi + 1, -torch.ones_like(hi))
+    used = marks.cumsum(-1)[:, :end] > 0  # [R, end] positions covered by a kept token
+    shift = torch.cumsum(~used, -1) - (~used).long()  # freed positions before p
+    return -shift.gather(1, lo), used.sum(-1)

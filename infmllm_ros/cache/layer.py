@@ -4,8 +4,12 @@ Slots 0..stored-1 hold the kept tokens in temporal order (per KV head: heads may
 same count). `seen` counts every token ever fed. transformers reads `get_seq_length()` (= seen) for its query
 offset and `get_mask_sizes(q)` = (stored + q, seen - stored), which places every stored token before the queries.
 
-Keys stay as the model rotated them (at the token's original position); `offset` = current - original position.
-`update` hands attention the keys turned by offset (rotate-on-read): one rotation from the model's own key.
+Keys stay as the model rotated them (at the token's original position); `offset` [H, cap, rows] = current - original
+position per position row (M-RoPE rows may move apart; each rotary section turns by its own row).
+Attention reads the keys turned by offset, one rotation from the model's own key. With the cache's read copy (CPU
+default) they sit in `read_keys`: offsets change only at an eviction, so each layer rebuilds its copy once after one
+(`stale`), at its next read; new tokens have offset 0 and are copied as they come. Without it (CUDA default),
+`update` turns every stored key at every forward (rotate-on-read, one fused kernel).
 """
 
 from __future__ import annotations
@@ -26,13 +30,16 @@ class BoundedLayer(CacheLayerMixin):
         self.idx = idx
         self.capacity = owner.config.capacity
         self.keys = owner.keys[idx : idx + 1]  # [1, H, cap, D]
+        self.read_keys = owner.read_keys[idx : idx + 1]  # a view of keys when the cache keeps no read copy
+        self.copies = owner.read_copy
         self.values = owner.values[idx : idx + 1]
         for name in ("pos", "offset", "index", "chunk", "window", "accumulated"):
-            setattr(self, name, getattr(owner, name)[idx])  # [H, cap] ([H, cap, rows] for pos)
+            setattr(self, name, getattr(owner, name)[idx])  # [H, cap] ([H, cap, rows] for pos and offset)
         self.device, self.dtype = owner.keys.device, owner.keys.dtype
         self.is_initialized = True
         self.stored = self.seen = self.scored = 0
         self.forward_id = -1
+        self.stale = False  # read_keys[:stored] no longer match keys + offset (after an eviction)
 
     def lazy_initialization(self, key_states, value_states) -> None:
         pass  # allocated up front: memory is known at start-up
@@ -51,7 +58,11 @@ class BoundedLayer(CacheLayerMixin):
                 f"or raise max_chunk / max_new_tokens (policy {self.owner.config.policy!r})"
             )
         n = s + q
+        if self.stale:
+            self._refresh_read_keys(s)
         self.keys[:, :, s:n] = key_states
+        if self.copies:
+            self.read_keys[:, :, s:n] = key_states  # offset 0: read as the model rotated it
         self.values[:, :, s:n] = value_states
         self.pos[:, s:n] = pos.T.to(self.pos.device)
         self.offset[:, s:n] = 0
@@ -60,15 +71,25 @@ class BoundedLayer(CacheLayerMixin):
         self.window[:, s:n] = 0
         self.accumulated[:, s:n] = 0
         self.stored, self.seen = n, self.seen + q
-        keys = self.keys[:, :, :n]
-        if self.owner.turned:  # some kept key sits at a position other than the one it was rotated at
-            keys = rotate_keys(keys[0], self.offset[:, :n], self.owner.inv_freq)[None]
-        return keys, self.values[:, :, :n]
+        if not self.copies and self.owner.turned:  # some stored key sits away from where the model rotated it
+            return self._turned(n)[None], self.values[:, :, :n]  # rotate-on-read
+        return self.read_keys[:, :, :n], self.values[:, :, :n]
+
+    def _turned(self, n: int):
+        o = self.owner
+        return rotate_keys(self.keys[0, :, :n], self.offset[:, :n], o.inv_freq, o.freq_rows)
+
+    def _refresh_read_keys(self, n: int) -> None:
+        self.read_keys[0, :, :n] = self._turned(n)
+        self.stale = False
 
     def current_keys(self):
         """[H, stored, D] the keys as attention reads them (rotated at their current positions)."""
-        n = self.stored
-        return rotate_keys(self.keys[0, :, :n], self.offset[:, :n], self.owner.inv_freq)
+        if not self.copies:
+            return self._turned(self.stored) if self.owner.turned else self.keys[0, :, : self.stored]
+        if self.stale:
+            self._refresh_read_keys(self.stored)
+        return self.read_keys[0, :, : self.stored]
 
     def record_scores(self, scores, mode: str) -> None:
         """Scores [H, n] of this forward's attention (n = stored); "window" replaces, "every_step" accumulates."""
@@ -91,6 +112,7 @@ class BoundedLayer(CacheLayerMixin):
     def reset(self) -> None:
         self.stored = self.seen = self.scored = 0
         self.forward_id = -1
+        self.stale = False
 
     def reorder_cache(self, beam_idx):
         raise NotImplementedError("BoundedCache holds one stream; beam search is not supported")

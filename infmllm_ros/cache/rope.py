@@ -49,6 +49,14 @@ def mrope_section_of(text_config) -> list[int] | None:
     return list(section) if section else None
 
 
+def freq_rows_of(sections: list[int] | None, device=None) -> torch.Tensor | None:
+    """[F] long: the M-RoPE position row (0 t, 1 h, 2 w) each rotary frequency turns by (section i reads row i % 3,
+    as Qwen2VLRotaryEmbedding.recomposition_frequencies lays them out); None for plain RoPE."""
+    if not sections:
+        return None
+    return torch.cat([torch.full((n,), i % 3, dtype=torch.long) for i, n in enumerate(sections)]).to(device)
+
+
 def _angles(delta: torch.Tensor, inv_freq: torch.Tensor, sections: list[int] | None) -> torch.Tensor:
     """Angles [..., n, F] fp32. sections=None: delta [..., n] turns every frequency alike (also right for M-RoPE
     when all rows move together). sections given: delta [..., n, 3], frequency f of section s reads row s % 3
@@ -58,8 +66,7 @@ def _angles(delta: torch.Tensor, inv_freq: torch.Tensor, sections: list[int] | N
         return delta.to(torch.float32)[..., None] * inv_freq
     if sum(sections) != inv_freq.numel() or delta.shape[-1] != 3:
         raise ValueError(f"M-RoPE: sections {sections} must sum to {inv_freq.numel()} and delta end in 3 rows")
-    row_of_freq = torch.cat([torch.full((n,), i % 3, dtype=torch.long) for i, n in enumerate(sections)])
-    return delta.to(torch.float32)[..., row_of_freq.to(delta.device)] * inv_freq
+    return delta.to(torch.float32)[..., freq_rows_of(sections, delta.device)] * inv_freq
 
 
 def rotate(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:

@@ -37,8 +37,8 @@ def tiny_lm(family="llama", layers=2, heads=4, kv_heads=2, seed=0, **extra):
     return model
 
 
-def make_cache(model, **cfg):
-    return BoundedCache(CacheConfig(**cfg), model.config, "cpu", torch.float32)
+def make_cache(model, read_copy=None, **cfg):
+    return BoundedCache(CacheConfig(**cfg), model.config, "cpu", torch.float32, read_copy=read_copy)
 
 
 @torch.no_grad()
@@ -128,3 +128,29 @@ def layer0_qk(model, ids, pos):
         k = attn.k_proj(h).view(1, ids.shape[1], 2, 16).transpose(1, 2)
         cos, sin = model.model.rotary_emb(h, pos)
         return apply_rotary_pos_emb(q, k, cos, sin)
+
+
+def qwen2vl_rope(x, pos, text_config, dtype=torch.float64):
+    """Qwen2-VL's own M-RoPE applied to unrotated keys x [H, n, D] at 3-row positions pos [H, n, 3] (or [n, 3]),
+    computed in `dtype`: the model's inv_freq and attention_scaling, its section layout
+    (Qwen2VLRotaryEmbedding.recomposition_frequencies) and its apply_rotary_pos_emb. fp64 = the truth; fp32 with
+    `emb.forward` is what the model itself computes (see qwen2vl_rope_model)."""
+    from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VLRotaryEmbedding, apply_rotary_pos_emb
+
+    emb = Qwen2VLRotaryEmbedding(text_config)
+    pos = pos.expand(x.shape[0], -1, -1) if pos.dim() == 2 else pos
+    freqs = pos.permute(2, 0, 1).to(dtype)[..., None] * emb.inv_freq.to(dtype)  # [3, H, n, F]
+    cos = emb.recomposition_frequencies(freqs.cos() * emb.attention_scaling)  # [H, n, D]
+    sin = emb.recomposition_frequencies(freqs.sin() * emb.attention_scaling)
+    xd = x.to(dtype)[:, None]  # heads as the batch: every head has its own positions
+    _, k = apply_rotary_pos_emb(xd, xd, cos, sin)
+    return k[:, 0]
+
+
+def qwen2vl_rope_model(x, pos, text_config):
+    """What the model computes (fp32 cos/sin from Qwen2VLRotaryEmbedding.forward, cast to x's dtype) at pos [n, 3]."""
+    from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VLRotaryEmbedding, apply_rotary_pos_emb
+
+    cos, sin = Qwen2VLRotaryEmbedding(text_config)(x, pos.T[:, None])  # position_ids [3, 1, n]
+    _, k = apply_rotary_pos_emb(x[None], x[None], cos, sin)
+    return k[0]

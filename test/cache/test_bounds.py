@@ -46,7 +46,7 @@ def test_hundred_thousand_tokens_keep_memory_flat():
                        max_new_tokens=0)  # fmt: skip
     ptrs = [(la.keys.data_ptr(), la.values.data_ptr()) for la in cache.layers]
     kv_bytes, g = cache.kv_bytes, torch.Generator().manual_seed(0)
-    assert kv_bytes == cache.kv_bytes_for(cache.config, model.config, torch.float32)
+    assert cache.read_copy and kv_bytes == cache.kv_bytes_for(cache.config, model.config, torch.float32, True)
     for _ in range(total // chunk):
         stream(model, cache, [(torch.randint(0, VOCAB, (1, chunk), generator=g), True)])
         assert cache.stored == 256 and cache.kv_bytes == kv_bytes and cache.next_position == 256

@@ -11,7 +11,7 @@ from transformers import LlamaConfig, Qwen2VLTextConfig
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
 from infmllm_ros.cache import BoundedCache, CacheConfig
-from infmllm_ros.cache.rope import inv_freq_from_config, mrope_section_of
+from infmllm_ros.cache.rope import freq_rows_of, inv_freq_from_config, mrope_section_of
 
 ROPES = {
     "default": {"rope_type": "default", "rope_theta": 10000.0},
@@ -96,7 +96,8 @@ def test_keys_stay_one_rotation_from_exact_over_a_thousand_evictions(rope, dtype
     old, offset = layer.keys[0, :, : cache.stored][:, survivors], layer.offset[:, : cache.stored][:, survivors]
     for _ in range(EVICTIONS):
         old = rotate_keys_ref(old, torch.full(old.shape[:2], -1), inv)
-    old = rotate_keys_ref(old, offset + EVICTIONS, inv)  # the rest of each key's move (M-RoPE images: uneven)
+    rest = offset + EVICTIONS  # the rest of each key's move (M-RoPE images: uneven)
+    old = rotate_keys_ref(old, rest, inv, freq_rows_of(sections))
     assert rms(old) > 4 * rms(direct)
 
 

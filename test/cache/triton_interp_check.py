@@ -56,10 +56,48 @@ def check_rotate():
         assert err < tol, err
 
 
+def check_rotate_rows():
+    """Per-row (M-RoPE) offsets: the kernel against Qwen2-VL's own rotary applied directly at the target positions
+    in fp64 (within 2x of the model's own computation there), and against the torch reference."""
+    from cache_helpers import qwen2vl_rope, qwen2vl_rope_model
+    from transformers import Qwen2VLTextConfig
+
+    from infmllm_ros.cache.rope import freq_rows_of, inv_freq_from_config
+
+    for sections, n, dtype in [((8, 12, 12), 45, torch.float32), ((2, 3, 3), 37, torch.float32),
+                               ((8, 12, 12), 33, torch.bfloat16), ((4, 6, 6), 20, torch.float16)]:  # fmt: skip
+        d = 2 * sum(sections)
+        cfg = Qwen2VLTextConfig(hidden_size=4 * d, num_attention_heads=4, num_key_value_heads=2,
+                                rope_parameters={"rope_type": "default", "mrope_section": list(sections),
+                                                 "rope_theta": 1e4})  # fmt: skip
+        inv, rows = inv_freq_from_config(cfg), freq_rows_of(list(sections))
+        x = torch.randn(2, n, d, dtype=torch.float64)
+        start = torch.randint(0, 600, (n, 3))
+        offset = torch.zeros(2, n + 7, 3, dtype=torch.long)  # a slice of a larger buffer, as the cache passes it
+        offset[:, :n] = -torch.randint(0, 500, (2, n, 3))
+        delta = offset[:, :n]
+        stored = torch.stack([qwen2vl_rope_model(x[h : h + 1].to(dtype), start, cfg)[0] for h in range(2)])
+        truth = qwen2vl_rope(x, start + delta, cfg)
+        direct = torch.stack([qwen2vl_rope_model(x[h : h + 1].to(dtype), start + delta[h], cfg)[0] for h in range(2)])
+        got, ref = rotate_keys_triton(stored, delta, inv, rows), rotate_keys_ref(stored, delta, inv, rows)
+        err, err_direct = (got.double() - truth).abs().max().item(), (direct.double() - truth).abs().max().item()
+        vs_ref = (got.float() - ref.float()).abs().max().item()
+        print(
+            f"rotate rows sections={sections} n={n} {dtype}: err vs fp64 model rotary {err:.2e} "
+            f"(model direct {err_direct:.2e}), vs torch ref {vs_ref:.2e}"
+        )
+        if dtype == torch.float32:  # the stored key's and the turn's fp32 angles (positions < 1100) both carry rounding
+            assert err < 3e-4, err
+        else:  # 16-bit: one rounding of the result dominates, as for the model's own key there
+            assert err <= 2 * err_direct, (err, err_direct)
+        assert vs_ref < (1e-5 if dtype == torch.float32 else 2e-2), vs_ref
+
+
 if __name__ == "__main__":
     torch.manual_seed(0)
     check_window_scores()
     check_compact()
     check_rotate()
+    check_rotate_rows()
     print("ok")
     sys.exit(0)
