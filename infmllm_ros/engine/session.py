@@ -83,7 +83,9 @@ class StreamingSession:
         # an answer's closing text may have to wait in the cache beside the answer (see the module docstring)
         self.answer_tail = len(self.adapter.encode(self.adapter.close_text()))
         self.cache_cfg = replace(self.cfg, max_new_tokens=self.cfg.max_new_tokens + self.answer_tail)
-        self.kv_bytes = int(BoundedCache.kv_bytes_for(self.cache_cfg, model.config, self.dtype))
+        # on CPU the cache also keeps the keys as attention reads them (BoundedCache read_copy): counted here too
+        self.kv_bytes = int(BoundedCache.kv_bytes_for(self.cache_cfg, model.config, self.dtype,
+                                                      read_copy=self.device.type != "cuda"))
         if check_memory:  # weights are resident already; the KV buffers must still fit
             memory.check_fits(self.kv_bytes, self.device, "KV cache buffers", memory_headroom)
         attention.install(model)
@@ -116,7 +118,8 @@ class StreamingSession:
             n_params = memory.weight_params(path)
             if n_params is not None:
                 elem = torch.empty((), dtype=dtype).element_size()
-                need = n_params * elem + BoundedCache.kv_bytes_for(cfg, AutoConfig.from_pretrained(path), dtype)
+                need = n_params * elem + BoundedCache.kv_bytes_for(cfg, AutoConfig.from_pretrained(path), dtype,
+                                                                   read_copy=torch.device(device).type != "cuda")
                 memory.check_fits(need, device, "weights + KV cache buffers", memory_headroom)
         model, processor = loading.load(path, device=device, dtype=dtype)
         return cls(model, processor, cache=cfg, device=device, dtype=dtype, check_memory=check_memory,
