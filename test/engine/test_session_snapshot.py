@@ -1,0 +1,241 @@
+"""save() / restore(): a session saved mid-stream and restored into a NEW session object answers the rest of the
+stream with exactly the logits of a session that never stopped (the oracle), for a 1-D RoPE family and an M-RoPE
+one; a snapshot of another model / config / dtype, or a damaged one, is a clear error and a fresh start."""
+
+import os
+
+import pytest
+import torch
+from engine_helpers import frame, make_session
+
+from infmllm_ros.cache import CacheConfig
+from infmllm_ros.engine import SnapshotCorruptError, SnapshotError, SnapshotMismatchError
+from infmllm_ros.engine import snapshot as snap
+from infmllm_ros.engine.tiny import tiny_model
+
+FAMILIES = ("llava_llama", "qwen2_vl")  # 1-D RoPE, Qwen2-VL M-RoPE (3 position rows)
+CFG = CacheConfig(policy="saddle", budget=64, recent=16, window=8, max_chunk=128, max_new_tokens=6)
+
+
+def _head(s):
+    """The stream before the save: enough frames to evict and re-index, then a sampled answer (its last token and
+    the closing text stay pending), then one more frame."""
+    for i in range(6):
+        s.observe(frame(10 + i), 0.5 * i)
+    s.ask("What is in front of the robot?", max_new_tokens=4, temperature=0.9, seed=3)
+    s.observe(frame(30), 3.5)
+    s.ask("Describe the image.", max_new_tokens=3, temperature=0.8)  # generator state continues from here
+
+
+def _tail(s):
+    """The stream after the save: sampled answers (the generator must continue), frames, evictions."""
+    out = [s.ask("Move forward and turn left.", max_new_tokens=5, temperature=0.8, top_p=0.9, output_logits=True)]
+    for i in range(3):
+        s.observe(frame(40 + i), 4.0 + 0.5 * i)
+    out.append(s.ask("What changed since t=1.5s? Answer in one word.", max_new_tokens=5, output_logits=True))
+    return out
+
+
+def _same_answers(a, b):
+    for x, y in zip(a, b, strict=True):
+        assert x.tokens == y.tokens
+        torch.testing.assert_close(x.logits, y.logits, atol=0, rtol=0)
+        assert x.cache == y.cache
+        assert x.evidence == y.evidence
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_restored_session_answers_like_one_that_never_stopped(tiny, family, tmp_path):
+    model, proc = tiny(family)
+    ref = make_session(model, proc, CFG)
+    _head(ref)
+    ref_stats, ref_memory = ref.stats(), ref.memory()
+    expected = _tail(ref)
+
+    saver = make_session(model, proc, CFG)
+    _head(saver)
+    assert saver.stats()["cache"]["evictions"] > 0 and saver._pending  # evicted, and tokens wait for the next chunk
+    info = saver.save(tmp_path / "s.snap")
+    assert info["bytes"] == os.path.getsize(tmp_path / "s.snap") > 0
+    del saver
+
+    fresh = make_session(model, proc, CFG)
+    header = fresh.restore(tmp_path / "s.snap")
+    assert header["frames_seen"] == ref_stats["frames_seen"] == 7
+    st = fresh.stats()
+    for k in ("frames_seen", "questions", "tokens_seen", "tokens_stored", "next_position", "last_stamp"):
+        assert st[k] == ref_stats[k], k
+    assert fresh.memory() == ref_memory
+    _same_answers(_tail(fresh), expected)
+
+
+def test_save_right_after_reset_keeps_the_system_turn_pending(tiny, tmp_path):
+    model, proc = tiny("llava_llama")
+    ref = make_session(model, proc, CFG)
+    expected = _tail(ref)
+    s = make_session(model, proc, CFG)
+    s.save(tmp_path / "empty.snap")
+    fresh = make_session(model, proc, CFG, system_prompt="Another prompt.")  # pending comes from the snapshot
+    fresh.restore(tmp_path / "empty.snap")
+    _same_answers(_tail(fresh), expected)
+
+
+def _fresh_oracle(model, proc, cfg=CFG):
+    return _tail(make_session(model, proc, cfg))
+
+
+def _assert_fresh(s, expected):
+    st = s.stats()
+    assert (st["tokens_seen"], st["tokens_stored"], st["next_position"], st["frames_seen"]) == (0, 0, 0, 0)
+    _same_answers(_tail(s), expected)
+
+
+def _saved(tiny, tmp_path, family="llava_llama"):
+    model, proc = tiny(family)
+    s = make_session(model, proc, CFG)
+    _head(s)
+    path = tmp_path / "s.snap"
+    s.save(path)
+    return model, proc, path
+
+
+def test_other_cache_config_is_refused_and_starts_fresh(tiny, tmp_path):
+    model, proc, path = _saved(tiny, tmp_path)
+    other = CacheConfig(policy="saddle", budget=80, recent=16, window=8, max_chunk=128, max_new_tokens=6)
+    s = make_session(model, proc, other)
+    s.observe(frame(1), 0.0)  # state before the restore attempt is dropped too
+    with pytest.raises(SnapshotMismatchError, match="cache config.*budget"):
+        s.restore(path)
+    _assert_fresh(s, _fresh_oracle(model, proc, other))
+
+
+def test_other_model_weights_are_refused(tiny, tmp_path):
+    model, proc, path = _saved(tiny, tmp_path)
+    other, other_proc = tiny_model("llava_llama", seed=1)  # same architecture and config, other weights
+    s = make_session(other, other_proc, CFG)
+    with pytest.raises(SnapshotMismatchError, match="model"):
+        s.restore(path)
+    _assert_fresh(s, _fresh_oracle(other, other_proc))
+
+
+def test_other_family_is_refused(tiny, tmp_path):
+    _, _, path = _saved(tiny, tmp_path)
+    model, proc = tiny("qwen2_vl")
+    s = make_session(model, proc, CFG)
+    with pytest.raises(SnapshotMismatchError):
+        s.restore(path)
+    _assert_fresh(s, _fresh_oracle(model, proc))
+
+
+def test_other_dtype_is_refused(tiny, tmp_path):
+    _, _, path = _saved(tiny, tmp_path)
+    model, proc = tiny_model("llava_llama", seed=0)  # its own copy: the session converts the model in place
+    s = make_session(model, proc, CFG, dtype=torch.bfloat16)
+    with pytest.raises(SnapshotMismatchError, match="dtype"):
+        s.restore(path)
+    assert s.stats()["tokens_seen"] == 0
+    s.observe(frame(1), 0.0)  # usable
+    assert s.ask("Describe the image.", max_new_tokens=2).tokens
+
+
+def _damage(path, how):
+    data = path.read_bytes()
+    if how == "flip":
+        i = len(data) - 100
+        data = data[:i] + bytes([data[i] ^ 0x40]) + data[i + 1:]
+    elif how == "truncate":
+        data = data[: len(data) // 2]
+    elif how == "header":
+        data = data[:20]
+    elif how == "empty":
+        data = b""
+    elif how == "garbage":
+        data = b"not a snapshot at all" * 50
+    path.write_bytes(data)
+
+
+@pytest.mark.parametrize("how", ["flip", "truncate", "header", "empty", "garbage", "missing"])
+def test_damaged_snapshot_is_a_clear_error_and_a_fresh_start(tiny, tmp_path, how):
+    model, proc, path = _saved(tiny, tmp_path)
+    if how == "missing":
+        path.unlink()
+    else:
+        _damage(path, how)
+    s = make_session(model, proc, CFG)
+    s.observe(frame(1), 0.0)
+    with pytest.raises(SnapshotCorruptError, match=str(path)):
+        s.restore(path)
+    _assert_fresh(s, _fresh_oracle(model, proc))
+
+
+def test_payload_not_fitting_the_cache_is_refused(tiny, tmp_path, monkeypatch):
+    """A checksummed payload whose tensors do not match the header's layout (a writer bug) is still refused."""
+    model, proc = tiny("llava_llama")
+    s = make_session(model, proc, CFG)
+    _head(s)
+    real = snap._payload
+
+    def bad_payload(session):
+        p = real(session)
+        p["cache"]["tensors"]["keys"] = p["cache"]["tensors"]["keys"][:, :1]
+        return p
+
+    monkeypatch.setattr(snap, "_payload", bad_payload)
+    s.save(tmp_path / "bad.snap")
+    fresh = make_session(model, proc, CFG)
+    with pytest.raises(SnapshotCorruptError, match="keys"):
+        fresh.restore(tmp_path / "bad.snap")
+    _assert_fresh(fresh, _fresh_oracle(model, proc))
+
+
+def test_failed_save_leaves_the_previous_snapshot(tiny, tmp_path, monkeypatch):
+    model, proc = tiny("llava_llama")
+    s = make_session(model, proc, CFG)
+    s.observe(frame(1), 0.0)
+    path = tmp_path / "s.snap"
+    s.save(path)
+    before = path.read_bytes()
+    s.observe(frame(2), 0.5)
+
+    def full_disk(fd):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(snap.os, "fsync", full_disk)
+    with pytest.raises(SnapshotError, match="No space left"):
+        s.save(path)
+    monkeypatch.undo()
+    assert path.read_bytes() == before
+    assert [n for n in os.listdir(tmp_path) if n != "s.snap"] == []  # no temporary file left behind
+    with pytest.raises(SnapshotError, match="does not exist"):
+        s.save(tmp_path / "no_such_dir" / "s.snap")
+    fresh = make_session(model, proc, CFG)
+    assert fresh.restore(path)["frames_seen"] == 1
+
+
+def test_archive_index_travels_with_the_snapshot(tiny, tmp_path):
+    """session.archive (when the archive is on): its index is saved and reopened on restore."""
+    from infmllm_ros.memory import FrameArchive
+
+    model, proc = tiny("llava_llama")
+    s = make_session(model, proc, CFG)
+    s.observe(frame(1), 0.0)
+    arch_dir = tmp_path / "archive"
+    s.archive = FrameArchive(str(arch_dir), 1 << 20, layers=2, heads=2, head_dim=16)
+    g = torch.Generator().manual_seed(0)
+    kv = [torch.randn(2, 2, 5, 16, generator=g) for _ in range(2)]
+    assert s.archive.add(7, 0.0, kv[0], kv[1], torch.arange(5)[:, None])
+    archived = s.archive.get(7)
+    s.save(tmp_path / "s.snap")
+    s.archive.add(8, 0.5, kv[0], kv[1], torch.arange(5)[:, None])  # written after the snapshot: dropped on restore
+
+    fresh = make_session(model, proc, CFG)
+    fresh.archive = FrameArchive(str(arch_dir), 1 << 20, layers=2, heads=2, head_dim=16, _clear=False)
+    fresh.restore(tmp_path / "s.snap")
+    assert list(fresh.archive.frames) == [7]
+    for a, b in zip(fresh.archive.get(7), archived, strict=True):
+        assert torch.equal(a, b)
+
+    other = make_session(model, proc, CFG)
+    other.archive = FrameArchive(str(tmp_path / "a2"), 2 << 20, layers=2, heads=2, head_dim=16)
+    with pytest.raises(SnapshotMismatchError, match="archive"):
+        other.restore(tmp_path / "s.snap")
