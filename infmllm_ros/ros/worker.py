@@ -1,12 +1,14 @@
 """The worker: ONE thread that owns the session, with a one-slot frame mailbox (latest frame wins) and a bounded
 instruction queue. It observes at most ``frame_rate`` frames per second, answers instructions in arrival order
-(observing the newest pending frame first, so answers see the freshest view), runs resets, and hands answers
-and actions to outputs and motion. No other thread calls into the session; diagnostics read ``session_stats``,
-a snapshot the worker takes after each step."""
+(observing the newest pending frame first, so answers see the freshest view), runs resets and ``~/save``
+snapshots (between two steps, never during a forward), and hands answers and actions to outputs and motion. No
+other thread calls into the session; diagnostics read ``session_stats`` (and ``archive_stats``), copies the
+worker takes after each step. At configure, ``memory.restore`` resumes the session from ``memory.snapshot``."""
 
 from __future__ import annotations
 
 import collections
+import os
 import sys
 import threading
 import time
@@ -33,6 +35,7 @@ class Worker:
         self.frame = None  # (rgb view, stamp_s, header stamp, t_received)
         self.instructions: collections.deque = collections.deque()
         self.reset_events: list[threading.Event] = []
+        self.save_events: list[threading.Event] = []
         self.stop_flag = False
         self.cancel = threading.Event()
         self.thread: threading.Thread | None = None
@@ -45,6 +48,9 @@ class Worker:
         self.validator: ActionValidator | None = None
         self.constraint: ActionConstraint | None = None
         self.constraint_error = ""
+        self.snapshot_status = "off"  # what configure did with memory.snapshot / memory.restore (diagnostics)
+        self.last_save = ""
+        self.archive_stats: dict = {}  # session.archive.stats() after each step (diagnostics)
 
     @property
     def p(self) -> dict:
@@ -62,6 +68,35 @@ class Worker:
                             f"{type(session).__name__}, which lacks {', '.join(missing)}")
         self.session = session
         self.build_constraint()
+        self.restore_snapshot()
+
+    def restore_snapshot(self):
+        """memory.restore: resume from memory.snapshot when it exists; any failure is logged and the session starts
+        fresh (a snapshot of another model or config, a damaged file: the node must still come up)."""
+        log, path = self.node.get_logger(), self.p.get("memory.snapshot", "")
+        self.snapshot_status, self.last_save = ("fresh start" if path else "off"), ""
+        if not path or not self.p.get("memory.restore", False):
+            return
+        restore = getattr(self.session, "restore", None)
+        if not callable(restore):
+            self.snapshot_status = "fresh start: the session has no restore()"
+            log.warning(f"memory.restore: {self.snapshot_status}")
+            return
+        if not os.path.exists(path):
+            self.snapshot_status = f"fresh start: no snapshot at {path} yet"
+            log.info(f"memory.restore: {self.snapshot_status}")
+            return
+        try:
+            header = restore(path)
+        except Exception as e:  # SnapshotError says why; anything else is a bug, still no crash
+            self.snapshot_status = f"fresh start: restore failed: {e}"
+            self.stats.last_error = f"restore: {e}"
+            log.error(f"memory.restore: could not resume from {path}: {type(e).__name__}: {e}; starting fresh")
+            return
+        h = header if isinstance(header, dict) else {}
+        self.snapshot_status = (f"resumed from {path} ({h.get('frames_seen', '?')} frames seen, "
+                                f"{h.get('tokens_stored', '?')} tokens stored)")
+        log.info(f"memory.restore: {self.snapshot_status}")
 
     def build_constraint(self):
         log = self.node.get_logger()
@@ -163,12 +198,55 @@ class Worker:
             return bool(ev.ok), "session reset" if ev.ok else f"reset failed: {self.stats.last_error}"
         return False, "reset pending: the worker is busy; it will run next"
 
+    def request_save(self, timeout: float) -> tuple[bool, str]:
+        """~/save: the worker writes the snapshot between two steps (never during a forward)."""
+        if self.session is None or self.thread is None:
+            return False, "not configured"
+        path = self.p.get("memory.snapshot", "")
+        if not path:
+            return False, "memory.snapshot is empty (saving is off): set it to a file path, then reconfigure"
+        if not callable(getattr(self.session, "save", None)):
+            return False, "the session (session_factory) has no save()"
+        ev = threading.Event()
+        ev.ok, ev.message = False, ""
+        with self.cv:
+            self.save_events.append(ev)
+            self.cv.notify_all()
+        if ev.wait(timeout):
+            return bool(ev.ok), ev.message
+        return False, f"save pending: the worker is busy (after {timeout:g} s); it saves after the current step"
+
+    def do_save(self, events):
+        path = self.p["memory.snapshot"]
+        try:
+            info = self.session.save(path)
+            info = info if isinstance(info, dict) else {}
+            ok, msg = True, (f"saved {info.get('path', path)} ({info.get('bytes', '?')} bytes, "
+                             f"{info.get('frames_seen', '?')} frames seen, {info.get('tokens_stored', '?')} tokens "
+                             "stored)")
+            self.stats.inc("snapshots_saved")
+            self.node.get_logger().info(msg)
+        except Exception as e:  # a bad path, a full disk: the session is untouched, the node keeps running
+            ok, msg = False, f"save to {path} failed: {e}"
+            self.stats.inc("snapshot_errors")
+            self.stats.last_error = f"save: {e}"
+            self.node.get_logger().error(msg)
+        self.last_save = msg
+        for ev in events:
+            ev.ok, ev.message = ok, msg
+            ev.set()
+
     # ------------------------------------------------------------------------------------------------ the loop
     def snapshot_stats(self):
         try:
             self.session_stats = dict(self.session.stats() or {})
         except Exception as e:  # stats() must not take the worker down
             self.session_stats = {"stats_error": str(e)}
+        archive = getattr(self.session, "archive", None)
+        try:
+            self.archive_stats = dict(archive.stats()) if archive is not None else {}
+        except Exception as e:  # the archive must not take the worker down either
+            self.archive_stats = {"stats_error": f"{type(e).__name__}: {e}"}
         try:
             if self.node.memory_topics is not None:
                 self.node.memory_topics.update(self.session)
@@ -185,19 +263,24 @@ class Worker:
                         if self.stop_flag:
                             return
                         now = time.monotonic()
-                        if self.reset_events or self.instructions:
+                        if self.reset_events or self.save_events or self.instructions:
                             break
                         if self.frame is not None and now >= next_frame_t:
                             break
                         timeout = None if self.frame is None else min(max(next_frame_t - now, 0.001), 3600.0)
                         self.cv.wait(timeout)
                     resets, self.reset_events = self.reset_events, []
-                    instr = self.instructions.popleft() if (self.instructions and not resets) else None
+                    saves, self.save_events = ([], self.save_events) if resets else (self.save_events, [])
+                    instr = self.instructions.popleft() if (self.instructions and not resets and not saves) else None
                     frame = None
-                    if self.frame is not None and (instr is not None or time.monotonic() >= next_frame_t):
+                    if self.frame is not None and not saves and (instr is not None or
+                                                                 time.monotonic() >= next_frame_t):
                         frame, self.frame = self.frame, None
                 if resets:
                     self.do_reset(resets)
+                    continue
+                if saves:
+                    self.do_save(saves)
                     continue
                 if frame is not None:
                     next_frame_t = time.monotonic() + 1.0 / float(self.p["frame_rate"])  # live parameter
