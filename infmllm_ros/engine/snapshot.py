@@ -99,7 +99,7 @@ def _layout(session) -> dict:
     return {name: {"shape": list(t.shape), "dtype": str(t.dtype)} for name, t in _cache_tensors(session.cache).items()}
 
 
-def _header(session, payload: bytes) -> dict:
+def _header(session, payload) -> dict:
     import transformers
 
     return {
@@ -126,7 +126,8 @@ def _payload(session) -> dict:
     if len(stored) != 1:
         raise SnapshotError(f"cannot save: the cache layers hold different token counts {sorted(stored)}")
     n, dims = stored.pop(), _slot_dims(cache)
-    tensors = {k: (t[:, :, :n] if _sliced(t, dims) else t).detach().cpu().clone()
+    # one host copy each, compact (torch.save of a view would write the whole buffer behind it), no device copy
+    tensors = {k: (t[:, :, :n] if _sliced(t, dims) else t).detach().to("cpu", copy=True)
                for k, t in _cache_tensors(cache).items()}
     holder = _model_position_state(session)
     archive = getattr(session, "archive", None)
@@ -159,7 +160,7 @@ def save(session, path) -> dict:
         raise SnapshotError(f"cannot save snapshot {path}: directory {directory} does not exist")
     buf = io.BytesIO()
     torch.save(_payload(session), buf)
-    payload = buf.getvalue()
+    payload = buf.getbuffer()  # no second copy of the serialized state
     header = json.dumps(_header(session, payload), sort_keys=True).encode()
     try:
         _remove_stale_temps(path)
@@ -184,7 +185,7 @@ def _remove_stale_temps(path: str) -> None:
                 pass
 
 
-def _write_atomic(path: str, parts: list[bytes]) -> int:
+def _write_atomic(path: str, parts: list) -> int:
     directory = os.path.dirname(path)
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=_temp_prefix(path), suffix=_TMP_SUFFIX)
     try:
