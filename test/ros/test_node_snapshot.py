@@ -2,7 +2,7 @@
 saves, answers one more question and stops; a NEW node process restores the snapshot at configure and shows the
 same memory (frames seen, tokens seen / stored) and gives the same answer to that question (the oracle: the node
 that went on). A bad snapshot path is a clear error and the node keeps running; a faulty frame archive turns
-/diagnostics WARN while answers go on."""
+/diagnostics WARN while answers go on. ~/save waits for a running answer: the worker thread saves between steps."""
 
 from __future__ import annotations
 
@@ -118,7 +118,7 @@ def test_bad_snapshot_path_and_faulty_archive_keep_the_node_running(tmp_path):
     pytest.importorskip("transformers")
     bad = tmp_path / "a_directory"
     bad.mkdir()
-    r = Run(dict(PARAMS, **{"memory.snapshot": str(bad), "session_factory": "faulty_archive_factory:make"}))
+    r = Run(dict(PARAMS, **{"memory.snapshot": str(bad), "session_factory": "snapshot_factories:faulty_archive"}))
     try:
         d = r.diag()
         assert d["snapshot_status"].startswith("fresh start: restore failed"), d["snapshot_status"]
@@ -133,5 +133,24 @@ def test_bad_snapshot_path_and_faulty_archive_keep_the_node_running(tmp_path):
         assert d["_level"] == 1 and d["_message"].startswith("frame archive: stopped (write failed"), d["_message"]
         assert "1 write error(s)" in d["_message"] and "2 damaged page(s)" in d["_message"]
         assert d["archive_write_errors"] == 1 and d["snapshot_errors"] == 1 and d["session_lost"] is False
+    finally:
+        r.close()
+
+
+def test_save_runs_on_the_worker_between_steps_not_during_an_answer(tmp_path):
+    from std_msgs.msg import String
+
+    path = tmp_path / "fake.snap"
+    r = Run({"session_factory": "snapshot_factories:saving_fake", "memory.snapshot": str(path),
+             "instruction_durability": "transient_local", "output_durability": "transient_local"})
+    try:
+        r.instr_pub.publish(String(data="__slow__"))  # a 3 s answer
+        assert r.c.wait_for(lambda: r.diag()["worker_busy_s"] > 0, 10)
+        resp = r.save()
+        assert resp.success, resp.message
+        record = json.loads(path.read_text())
+        # saved by the worker after the answer: the fake counts 1 instruction word + 30 answer pieces
+        assert record == {"during_ask": False, "thread": "infmllm_session", "seen": 31}
+        assert r.c.wait_for(lambda: [x for x in r.results() if x["instruction"] == "__slow__"], 10)
     finally:
         r.close()
