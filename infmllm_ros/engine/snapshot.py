@@ -107,7 +107,7 @@ def _header(session, payload) -> dict:
         "model": str(getattr(session.model.config, "_name_or_path", "") or type(session.model).__name__),
         "model_type": str(getattr(session.model.config, "model_type", "")),
         "model_fingerprint": model_fingerprint(session.model),
-        "cache_config": dataclasses.asdict(session.cache_cfg),
+        "cache_config": dataclasses.asdict(session.cfg),
         "dtype": str(session.dtype),
         "tensors": _layout(session),
         "torch": torch.__version__,
@@ -253,22 +253,24 @@ def read(path) -> tuple[dict, dict]:
 
 
 def check(session, header: dict, path: str = "snapshot") -> None:
-    """SnapshotMismatchError unless the snapshot was written by the same model, cache config and dtype."""
+    """SnapshotMismatchError unless the snapshot was written with the same dtype, model, cache config and cache
+    layout (checked in that order: the fingerprint samples the weights as they are, so a dtype change would
+    otherwise read as another model; another family would otherwise read as another cache config)."""
     def mismatch(what, theirs, ours):
         return SnapshotMismatchError(f"{path} was saved with {what} {theirs}, this session has {ours}: it cannot "
                                      "be restored here (start fresh, or run the model / parameters it was saved with)")
 
     if header.get("dtype") != str(session.dtype):
         raise mismatch("dtype", header.get("dtype"), str(session.dtype))
-    ours = dataclasses.asdict(session.cache_cfg)
-    theirs = header.get("cache_config") or {}
-    diff = sorted(k for k in set(ours) | set(theirs) if ours.get(k) != theirs.get(k))
-    if diff:
-        raise mismatch("cache config", {k: theirs.get(k) for k in diff}, {k: ours.get(k) for k in diff})
     fp = model_fingerprint(session.model)
     if header.get("model_fingerprint") != fp:
         raise mismatch("model", f"{header.get('model')!r} (fingerprint {str(header.get('model_fingerprint'))[:12]})",
                        f"{getattr(session.model.config, '_name_or_path', '')!r} (fingerprint {fp[:12]})")
+    ours = dataclasses.asdict(session.cfg)
+    theirs = header.get("cache_config") or {}
+    diff = sorted(k for k in set(ours) | set(theirs) if ours.get(k) != theirs.get(k))
+    if diff:
+        raise mismatch("cache config", {k: theirs.get(k) for k in diff}, {k: ours.get(k) for k in diff})
     layout = _layout(session)
     if header.get("tensors") != layout:
         raise mismatch("cache tensors", header.get("tensors"), layout)

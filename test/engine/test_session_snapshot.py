@@ -123,7 +123,7 @@ def test_other_family_is_refused(tiny, tmp_path):
     _, _, path = _saved(tiny, tmp_path)
     model, proc = tiny("qwen2_vl")
     s = make_session(model, proc, CFG)
-    with pytest.raises(SnapshotMismatchError):
+    with pytest.raises(SnapshotMismatchError, match="saved with model"):
         s.restore(path)
     _assert_fresh(s, _fresh_oracle(model, proc))
 
