@@ -5,6 +5,7 @@
   worker.py      the one thread owning the session: frame mailbox, instruction queue, resets, answers
   outputs.py     ~/answer, ~/answer_stream, ~/result, ~/action, /diagnostics, shared counters
   motion.py      actions -> MotionGate -> cmd_vel (TwistStamped or Twist), the watchdog, stopping
+  snapshots.py   ~/save (queued to the worker) and memory.restore at configure (engine/snapshot.py)
 
 Lifecycle
   configure  validate every parameter, load the actions file, build the session, start the worker, create
@@ -249,7 +250,8 @@ class InfMLLMNode(LifecycleNode):
         return response
 
     def _on_save(self, request, response):
-        response.success, response.message = self.worker.request_save(float(self.p.get("memory.save_timeout", 30.0)))
+        response.success, response.message = self.worker.snapshots.request(
+            float(self.p.get("memory.save_timeout", 30.0)))
         return response
 
     def _on_enable_actions(self, request, response):

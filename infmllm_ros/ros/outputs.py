@@ -217,10 +217,10 @@ class Outputs:
             "view_stale": n.state_label == "active" and worker.stale(),
             "rss_bytes": _rss_bytes(),
             "last_error": last_error,
-            "snapshot_status": worker.snapshot_status,
+            "snapshot_status": worker.snapshots.status,
             "snapshots_saved": c.get("snapshots_saved", 0),
             "snapshot_errors": c.get("snapshot_errors", 0),
-            "last_save": worker.last_save,
+            "last_save": worker.snapshots.last_save,
         }
         arch = worker.archive_stats if worker.session is not None else {}
         for k, val in arch.items():

@@ -8,7 +8,6 @@ worker takes after each step. At configure, ``memory.restore`` resumes the sessi
 from __future__ import annotations
 
 import collections
-import os
 import sys
 import threading
 import time
@@ -19,6 +18,7 @@ from std_msgs.msg import String
 
 from infmllm_ros.actions import Action, ActionConstraint, ActionSpec, ActionValidator
 from infmllm_ros.ros import session_factory as sf
+from infmllm_ros.ros.snapshots import Snapshots
 
 SESSION_METHODS = ("observe", "ask", "reset", "stats")
 
@@ -48,8 +48,7 @@ class Worker:
         self.validator: ActionValidator | None = None
         self.constraint: ActionConstraint | None = None
         self.constraint_error = ""
-        self.snapshot_status = "off"  # what configure did with memory.snapshot / memory.restore (diagnostics)
-        self.last_save = ""
+        self.snapshots = Snapshots(self)  # ~/save and memory.restore
         self.archive_stats: dict = {}  # session.archive.stats() after each step (diagnostics)
 
     @property
@@ -68,35 +67,7 @@ class Worker:
                             f"{type(session).__name__}, which lacks {', '.join(missing)}")
         self.session = session
         self.build_constraint()
-        self.restore_snapshot()
-
-    def restore_snapshot(self):
-        """memory.restore: resume from memory.snapshot when it exists; any failure is logged and the session starts
-        fresh (a snapshot of another model or config, a damaged file: the node must still come up)."""
-        log, path = self.node.get_logger(), self.p.get("memory.snapshot", "")
-        self.snapshot_status, self.last_save = ("fresh start" if path else "off"), ""
-        if not path or not self.p.get("memory.restore", False):
-            return
-        restore = getattr(self.session, "restore", None)
-        if not callable(restore):
-            self.snapshot_status = "fresh start: the session has no restore()"
-            log.warning(f"memory.restore: {self.snapshot_status}")
-            return
-        if not os.path.exists(path):
-            self.snapshot_status = f"fresh start: no snapshot at {path} yet"
-            log.info(f"memory.restore: {self.snapshot_status}")
-            return
-        try:
-            header = restore(path)
-        except Exception as e:  # SnapshotError says why; anything else is a bug, still no crash
-            self.snapshot_status = f"fresh start: restore failed: {e}"
-            self.stats.last_error = f"restore: {e}"
-            log.error(f"memory.restore: could not resume from {path}: {type(e).__name__}: {e}; starting fresh")
-            return
-        h = header if isinstance(header, dict) else {}
-        self.snapshot_status = (f"resumed from {path} ({h.get('frames_seen', '?')} frames seen, "
-                                f"{h.get('tokens_stored', '?')} tokens stored)")
-        log.info(f"memory.restore: {self.snapshot_status}")
+        self.snapshots.restore()
 
     def build_constraint(self):
         log = self.node.get_logger()
@@ -198,44 +169,6 @@ class Worker:
             return bool(ev.ok), "session reset" if ev.ok else f"reset failed: {self.stats.last_error}"
         return False, "reset pending: the worker is busy; it will run next"
 
-    def request_save(self, timeout: float) -> tuple[bool, str]:
-        """~/save: the worker writes the snapshot between two steps (never during a forward)."""
-        if self.session is None or self.thread is None:
-            return False, "not configured"
-        path = self.p.get("memory.snapshot", "")
-        if not path:
-            return False, "memory.snapshot is empty (saving is off): set it to a file path, then reconfigure"
-        if not callable(getattr(self.session, "save", None)):
-            return False, "the session (session_factory) has no save()"
-        ev = threading.Event()
-        ev.ok, ev.message = False, ""
-        with self.cv:
-            self.save_events.append(ev)
-            self.cv.notify_all()
-        if ev.wait(timeout):
-            return bool(ev.ok), ev.message
-        return False, f"save pending: the worker is busy (after {timeout:g} s); it saves after the current step"
-
-    def do_save(self, events):
-        path = self.p["memory.snapshot"]
-        try:
-            info = self.session.save(path)
-            info = info if isinstance(info, dict) else {}
-            ok, msg = True, (f"saved {info.get('path', path)} ({info.get('bytes', '?')} bytes, "
-                             f"{info.get('frames_seen', '?')} frames seen, {info.get('tokens_stored', '?')} tokens "
-                             "stored)")
-            self.stats.inc("snapshots_saved")
-            self.node.get_logger().info(msg)
-        except Exception as e:  # a bad path, a full disk: the session is untouched, the node keeps running
-            ok, msg = False, f"save to {path} failed: {e}"
-            self.stats.inc("snapshot_errors")
-            self.stats.last_error = f"save: {e}"
-            self.node.get_logger().error(msg)
-        self.last_save = msg
-        for ev in events:
-            ev.ok, ev.message = ok, msg
-            ev.set()
-
     # ------------------------------------------------------------------------------------------------ the loop
     def snapshot_stats(self):
         try:
@@ -280,7 +213,7 @@ class Worker:
                     self.do_reset(resets)
                     continue
                 if saves:
-                    self.do_save(saves)
+                    self.snapshots.run(saves)
                     continue
                 if frame is not None:
                     next_frame_t = time.monotonic() + 1.0 / float(self.p["frame_rate"])  # live parameter
