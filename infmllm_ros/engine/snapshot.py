@@ -11,8 +11,10 @@ What is saved, generically so new cache fields travel without a change here:
     (the slots past it are dead: every forward overwrites them), others whole;
   * every public int / float / bool attribute of the cache and of each layer (seen, stored, scored, forward_id,
     next_position, chunks, evictions, decoded, turned, ...);
-  * the session's pending tokens, counters, chunk map (engine/memory_view.py), sampling generator state, the
-    model's position state that the adapter's reset() clears (Qwen2-VL `rope_deltas`) and `archive.state()`.
+  * the session's pending tokens, counters, chunk map (engine/memory_view.py), sampling generator state and the
+    model's position state that the adapter's reset() clears (Qwen2-VL `rope_deltas`);
+  * the frame archive's index and recall bookkeeping, with its pages hard-linked beside the snapshot
+    (engine/snapshot_archive.py: why and how).
 
 Atomicity: the bytes go to a temporary file in the target's directory, are fsynced, renamed over the target
 (os.replace) and the directory is fsynced; a crash (SIGKILL, power loss) at any moment leaves either the previous
@@ -35,6 +37,7 @@ import tempfile
 import torch
 
 from infmllm_ros.engine import memory_view
+from infmllm_ros.engine import snapshot_archive as archive_part
 from infmllm_ros.engine.errors import SnapshotCorruptError, SnapshotError, SnapshotMismatchError
 
 MAGIC = b"INFMSNAP"
@@ -130,7 +133,6 @@ def _payload(session) -> dict:
     tensors = {k: (t[:, :, :n] if _sliced(t, dims) else t).detach().to("cpu", copy=True)
                for k, t in _cache_tensors(cache).items()}
     holder = _model_position_state(session)
-    archive = getattr(session, "archive", None)
     return {
         "cache": {"tensors": tensors, "stored": n, "scalars": _scalars(cache),
                   "layers": [_scalars(layer) for layer in cache.layers]},
@@ -142,7 +144,7 @@ def _payload(session) -> dict:
             "rope_deltas": (None if holder is None or holder.rope_deltas is None
                             else holder.rope_deltas.detach().cpu().clone()),
         },
-        "archive": archive.state() if archive is not None else None,
+        "memory": archive_part.state(session),
     }
 
 
@@ -158,17 +160,31 @@ def save(session, path) -> dict:
     directory = os.path.dirname(path)
     if not os.path.isdir(directory):
         raise SnapshotError(f"cannot save snapshot {path}: directory {directory} does not exist")
+    state = _payload(session)
     buf = io.BytesIO()
-    torch.save(_payload(session), buf)
+    torch.save(state, buf)
     payload = buf.getbuffer()  # no second copy of the serialized state
-    header = json.dumps(_header(session, payload), sort_keys=True).encode()
+    pages = None
     try:
         _remove_stale_temps(path)
+        pages = archive_part.link_pages(session, path, state["memory"])
+        header = json.dumps(dict(_header(session, payload), archive_pages=pages), sort_keys=True).encode()
         size = _write_atomic(path, [_HEAD.pack(MAGIC, len(header)), header, payload])
     except OSError as e:
+        if pages:
+            archive_part.remove_pages(path, keep=_current_pages(path))
         raise SnapshotError(f"cannot save snapshot {path}: {e.strerror or e}") from e
+    archive_part.remove_pages(path, keep=pages)  # the previous save's pages, a killed save's
     return {"path": path, "bytes": size, "frames_seen": int(session.counters.frames_seen),
             "tokens_stored": int(session.cache.stored)}
+
+
+def _current_pages(path: str) -> str | None:
+    """The pages folder the snapshot now at `path` names (kept when a new save fails)."""
+    try:
+        return read(path)[0].get("archive_pages")
+    except SnapshotError:
+        return None
 
 
 def _temp_prefix(path: str) -> str:
@@ -288,6 +304,7 @@ def restore(session, path) -> dict:
         _check_payload(session, payload, path)
         session.reset()
         _apply(session, payload)
+        archive_part.apply(session, payload.get("memory"), path, header.get("archive_pages"))
     except SnapshotError:
         session.reset()
         raise
@@ -315,10 +332,7 @@ def _check_payload(session, payload, path: str) -> None:
         if not isinstance(t, torch.Tensor) or tuple(t.shape) != want or t.dtype != ours.dtype:
             got = None if not isinstance(t, torch.Tensor) else (tuple(t.shape), str(t.dtype))
             raise SnapshotCorruptError(f"snapshot {path}: cache tensor {name} is {got}, expected {(want, ours.dtype)}")
-    archive, state = getattr(session, "archive", None), payload.get("archive")
-    if archive is not None and state is not None and state.get("config") != archive.state().get("config"):
-        raise SnapshotMismatchError(f"{path}: the snapshot's archive was configured {state.get('config')}, this "
-                                    f"session's is {archive.state().get('config')}")
+    archive_part.check(session, payload.get("memory"), path)
 
 
 def _set_scalars(obj, values: dict) -> None:
@@ -345,13 +359,4 @@ def _apply(session, payload: dict) -> None:
     if holder is not None:
         deltas = s.get("rope_deltas")
         holder.rope_deltas = None if deltas is None else deltas.to(session.device)
-    _restore_archive(session, payload.get("archive"))
 
-
-def _restore_archive(session, state) -> None:
-    """Reopen the session's archive from the saved index (pages stay on disk; FrameArchive.open drops pages the
-    index does not name and counts named ones that are missing as damaged)."""
-    current = getattr(session, "archive", None)
-    if current is None or state is None:
-        return  # archive off now (its saved index is ignored) or not saved (the session's fresh archive stays)
-    session.archive = type(current).open(current.path, state, fsync=getattr(current, "fsync", False))

@@ -213,30 +213,71 @@ def test_failed_save_leaves_the_previous_snapshot(tiny, tmp_path, monkeypatch):
     assert fresh.restore(path)["frames_seen"] == 1
 
 
-def test_archive_index_travels_with_the_snapshot(tiny, tmp_path):
-    """session.archive (when the archive is on): its index is saved and reopened on restore."""
+def _archive(path, max_bytes=1 << 20):
     from infmllm_ros.memory import FrameArchive
 
+    return FrameArchive(str(path), max_bytes, layers=2, heads=2, head_dim=16)  # clears the folder, as a new stream
+
+
+def _add(archive, frame_id, seed):
+    g = torch.Generator().manual_seed(seed)
+    k, v = (torch.randn(2, 2, 5, 16, generator=g) for _ in range(2))
+    assert archive.add(frame_id, 0.5 * frame_id, k, v, torch.arange(5)[:, None] + 5 * frame_id)
+
+
+def test_archive_index_and_pages_travel_with_the_snapshot(tiny, tmp_path):
+    """session.archive: its index is saved with its pages (hard links beside the snapshot), so a new session whose
+    archive folder was cleared at start gets the archived frames back, byte for byte."""
     model, proc = tiny("llava_llama")
     s = make_session(model, proc, CFG)
     s.observe(frame(1), 0.0)
     arch_dir = tmp_path / "archive"
-    s.archive = FrameArchive(str(arch_dir), 1 << 20, layers=2, heads=2, head_dim=16)
-    g = torch.Generator().manual_seed(0)
-    kv = [torch.randn(2, 2, 5, 16, generator=g) for _ in range(2)]
-    assert s.archive.add(7, 0.0, kv[0], kv[1], torch.arange(5)[:, None])
-    archived = s.archive.get(7)
+    s.archive = _archive(arch_dir)
+    _add(s.archive, 7, 0)
+    _add(s.archive, 9, 1)
+    archived = {f: s.archive.get(f) for f in (7, 9)}
     s.save(tmp_path / "s.snap")
-    s.archive.add(8, 0.5, kv[0], kv[1], torch.arange(5)[:, None])  # written after the snapshot: dropped on restore
+    _add(s.archive, 11, 2)  # written after the snapshot: not in it
+    s.archive = _archive(arch_dir)  # a reset / a restart clears the folder
 
     fresh = make_session(model, proc, CFG)
-    fresh.archive = FrameArchive(str(arch_dir), 1 << 20, layers=2, heads=2, head_dim=16, _clear=False)
+    fresh.archive = _archive(arch_dir)
     fresh.restore(tmp_path / "s.snap")
-    assert list(fresh.archive.frames) == [7]
-    for a, b in zip(fresh.archive.get(7), archived, strict=True):
-        assert torch.equal(a, b)
+    assert list(fresh.archive.frames) == [7, 9] and sorted(os.listdir(arch_dir)) == sorted(
+        fresh.archive.frames[f].file for f in (7, 9))
+    for f in (7, 9):
+        for a, b in zip(fresh.archive.get(f), archived[f], strict=True):
+            assert torch.equal(a, b)
+    assert fresh.archive.stats()["damaged"] == 0
+
+    s.save(tmp_path / "s.snap")  # a second save replaces the pages folder of the first
+    assert len([n for n in os.listdir(tmp_path) if ".pages-" in n]) == 1
 
     other = make_session(model, proc, CFG)
-    other.archive = FrameArchive(str(tmp_path / "a2"), 2 << 20, layers=2, heads=2, head_dim=16)
+    other.archive = _archive(tmp_path / "a2", 2 << 20)
     with pytest.raises(SnapshotMismatchError, match="archive"):
         other.restore(tmp_path / "s.snap")
+
+
+def test_recall_bookkeeping_travels_and_lost_pages_count_as_damaged(tiny, tmp_path):
+    """session.recall (memory/recall.py) holds the archive and its per-frame stream ranges: both come back; a page
+    missing from the snapshot's folder is counted damaged and never recalled."""
+    from types import SimpleNamespace
+
+    model, proc = tiny("llava_llama")
+    s = make_session(model, proc, CFG)
+    arch_dir = tmp_path / "archive"
+    s.recall = SimpleNamespace(archive=_archive(arch_dir), ranges={}, recalls=3, last={"frames": 1})
+    for f in (7, 9):
+        _add(s.recall.archive, f, f)
+        s.recall.ranges[f] = (f, f + 5)
+    s.save(tmp_path / "s.snap")
+    pages = next(n for n in os.listdir(tmp_path) if ".pages-" in n)
+    os.remove(tmp_path / pages / s.recall.archive.frames[9].file)
+
+    fresh = make_session(model, proc, CFG)
+    fresh.recall = SimpleNamespace(archive=_archive(arch_dir), ranges={}, recalls=0, last={})
+    fresh.restore(tmp_path / "s.snap")
+    r = fresh.recall
+    assert list(r.archive.frames) == [7] and r.archive.stats()["damaged"] == 1
+    assert r.ranges == {7: (7, 12)} and r.recalls == 3 and r.last == {"frames": 1}
