@@ -219,65 +219,109 @@ def _archive(path, max_bytes=1 << 20):
     return FrameArchive(str(path), max_bytes, layers=2, heads=2, head_dim=16)  # clears the folder, as a new stream
 
 
-def _add(archive, frame_id, seed):
+class FakeRecall:
+    """Stands in for memory/recall.py's FrameRecall where the test needs only its archive and bookkeeping."""
+
+    def __init__(self, path, max_bytes=1 << 20):
+        self.path, self.max_bytes = path, max_bytes
+        self.reset()
+
+    def reset(self):  # as FrameRecall: a new stream gets a new archive, its folder cleared
+        self.archive, self.ranges, self.recalls, self.last = _archive(self.path, self.max_bytes), {}, 0, {}
+
+    def stats(self):
+        return {"archive": self.archive.stats(), "recalls": self.recalls}
+
+
+def _add(recall, frame_id, seed):
     g = torch.Generator().manual_seed(seed)
     k, v = (torch.randn(2, 2, 5, 16, generator=g) for _ in range(2))
-    assert archive.add(frame_id, 0.5 * frame_id, k, v, torch.arange(5)[:, None] + 5 * frame_id)
+    assert recall.archive.add(frame_id, 0.5 * frame_id, k, v, torch.arange(5)[:, None] + 5 * frame_id)
+    recall.ranges[frame_id] = (frame_id, frame_id + 5)
 
 
 def test_archive_index_and_pages_travel_with_the_snapshot(tiny, tmp_path):
-    """session.archive: its index is saved with its pages (hard links beside the snapshot), so a new session whose
-    archive folder was cleared at start gets the archived frames back, byte for byte."""
+    """The frame archive's index and bookkeeping are saved with its pages (hard links beside the snapshot), so a
+    new session, whose archive folder was cleared when it started, gets the archived frames back byte for byte."""
     model, proc = tiny("llava_llama")
     s = make_session(model, proc, CFG)
     s.observe(frame(1), 0.0)
     arch_dir = tmp_path / "archive"
-    s.archive = _archive(arch_dir)
-    _add(s.archive, 7, 0)
-    _add(s.archive, 9, 1)
-    archived = {f: s.archive.get(f) for f in (7, 9)}
+    s.recall = FakeRecall(arch_dir)
+    _add(s.recall, 7, 0)
+    _add(s.recall, 9, 1)
+    s.recall.recalls, s.recall.last = 3, {"frames": 1}
+    archived = {f: s.recall.archive.get(f) for f in (7, 9)}
     s.save(tmp_path / "s.snap")
-    _add(s.archive, 11, 2)  # written after the snapshot: not in it
-    s.archive = _archive(arch_dir)  # a reset / a restart clears the folder
+    _add(s.recall, 11, 2)  # written after the snapshot: not in it
+    s.recall.reset()  # a reset / a restart clears the folder
 
     fresh = make_session(model, proc, CFG)
-    fresh.archive = _archive(arch_dir)
+    fresh.recall = FakeRecall(arch_dir)
     fresh.restore(tmp_path / "s.snap")
-    assert list(fresh.archive.frames) == [7, 9] and sorted(os.listdir(arch_dir)) == sorted(
-        fresh.archive.frames[f].file for f in (7, 9))
+    r = fresh.recall
+    assert list(r.archive.frames) == [7, 9] and sorted(os.listdir(arch_dir)) == sorted(
+        r.archive.frames[f].file for f in (7, 9))
     for f in (7, 9):
-        for a, b in zip(fresh.archive.get(f), archived[f], strict=True):
+        for a, b in zip(r.archive.get(f), archived[f], strict=True):
             assert torch.equal(a, b)
-    assert fresh.archive.stats()["damaged"] == 0
+    assert r.archive.stats()["damaged"] == 0
+    assert r.ranges == {7: (7, 12), 9: (9, 14)} and r.recalls == 3 and r.last == {"frames": 1}
 
     s.save(tmp_path / "s.snap")  # a second save replaces the pages folder of the first
     assert len([n for n in os.listdir(tmp_path) if ".pages-" in n]) == 1
 
     other = make_session(model, proc, CFG)
-    other.archive = _archive(tmp_path / "a2", 2 << 20)
+    other.recall = FakeRecall(tmp_path / "a2", 2 << 20)
     with pytest.raises(SnapshotMismatchError, match="archive"):
         other.restore(tmp_path / "s.snap")
 
 
-def test_recall_bookkeeping_travels_and_lost_pages_count_as_damaged(tiny, tmp_path):
-    """session.recall (memory/recall.py) holds the archive and its per-frame stream ranges: both come back; a page
-    missing from the snapshot's folder is counted damaged and never recalled."""
-    from types import SimpleNamespace
-
+def test_lost_archive_page_counts_as_damaged_and_is_never_recalled(tiny, tmp_path):
     model, proc = tiny("llava_llama")
     s = make_session(model, proc, CFG)
     arch_dir = tmp_path / "archive"
-    s.recall = SimpleNamespace(archive=_archive(arch_dir), ranges={}, recalls=3, last={"frames": 1})
+    s.recall = FakeRecall(arch_dir)
     for f in (7, 9):
-        _add(s.recall.archive, f, f)
-        s.recall.ranges[f] = (f, f + 5)
+        _add(s.recall, f, f)
     s.save(tmp_path / "s.snap")
     pages = next(n for n in os.listdir(tmp_path) if ".pages-" in n)
     os.remove(tmp_path / pages / s.recall.archive.frames[9].file)
 
     fresh = make_session(model, proc, CFG)
-    fresh.recall = SimpleNamespace(archive=_archive(arch_dir), ranges={}, recalls=0, last={})
+    fresh.recall = FakeRecall(arch_dir)
     fresh.restore(tmp_path / "s.snap")
     r = fresh.recall
     assert list(r.archive.frames) == [7] and r.archive.stats()["damaged"] == 1
-    assert r.ranges == {7: (7, 12)} and r.recalls == 3 and r.last == {"frames": 1}
+    assert r.ranges == {7: (7, 12)}
+
+
+def _recall_supported() -> bool:
+    import inspect
+
+    from infmllm_ros.engine import StreamingSession
+
+    return "recall_frames" in inspect.signature(StreamingSession.__init__).parameters
+
+
+@pytest.mark.skipif(not _recall_supported(), reason="the session has no long-term memory (memory/recall.py) yet")
+@pytest.mark.parametrize("family", FAMILIES)
+def test_restored_session_with_recall_answers_like_one_that_never_stopped(tiny, family, tmp_path):
+    """Long-term memory on: frames archived at prefill and recalled per question; the restored session (its archive
+    folder cleared when it was built) recalls the same frames and answers with the same logits."""
+    model, proc = tiny(family)
+    kw = dict(recall_frames=1, archive_mb=4.0)
+    ref = make_session(model, proc, CFG, archive_dir=str(tmp_path / "ref"), **kw)
+    _head(ref)
+    expected = _tail(ref)
+    saver = make_session(model, proc, CFG, archive_dir=str(tmp_path / "live"), **kw)
+    _head(saver)
+    assert saver.archive.stats()["frames"] >= 6 and saver.recall.recalls >= 1
+    saver.save(tmp_path / "s.snap")
+    del saver
+    fresh = make_session(model, proc, CFG, archive_dir=str(tmp_path / "live"), **kw)
+    assert fresh.archive.stats()["frames"] == 0
+    fresh.restore(tmp_path / "s.snap")
+    assert fresh.archive.stats()["damaged"] == 0
+    _same_answers(_tail(fresh), expected)
+    assert fresh.recall.recalls == ref.recall.recalls
