@@ -76,7 +76,12 @@ def _drop_volatile(cfg):
 
 # ---- gathering the state ---------------------------------------------------------------------------------------
 def _cache_tensors(cache) -> dict[str, torch.Tensor]:
-    return {k: v for k, v in vars(cache).items() if isinstance(v, torch.Tensor) and not k.startswith("_")}
+    """Public tensor attributes by name; one that IS an earlier one (a read copy that is the keys) counts once."""
+    out: dict[str, torch.Tensor] = {}
+    for k, v in vars(cache).items():
+        if isinstance(v, torch.Tensor) and not k.startswith("_") and not any(v is t for t in out.values()):
+            out[k] = v
+    return out
 
 
 def _scalars(obj) -> dict:
