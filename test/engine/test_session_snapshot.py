@@ -325,3 +325,39 @@ def test_restored_session_with_recall_answers_like_one_that_never_stopped(tiny, 
     assert fresh.archive.stats()["damaged"] == 0
     _same_answers(_tail(fresh), expected)
     assert fresh.recall.recalls == ref.recall.recalls
+
+
+def test_save_killed_after_linking_pages_keeps_the_previous_snapshot_and_its_pages(tiny, tmp_path, monkeypatch):
+    """A save that dies between linking the new pages folder and renaming the snapshot (as a SIGKILL would: no
+    cleanup runs) leaves the previous snapshot naming its own complete folder; the next save removes the orphan."""
+    model, proc = tiny("llava_llama")
+    s = make_session(model, proc, CFG)
+    s.observe(frame(1), 0.0)
+    s.recall = FakeRecall(tmp_path / "archive")
+    _add(s.recall, 7, 0)
+    path = tmp_path / "s.snap"
+    s.save(path)
+    first = {f: s.recall.archive.get(f) for f in (7,)}
+    _add(s.recall, 9, 1)
+    s.recall.archive._drop(7)  # thinned after the first save: its page name leaves the archive folder
+
+    class Killed(BaseException):
+        pass
+
+    def die(*a):
+        raise Killed()
+
+    monkeypatch.setattr(snap.os, "replace", die)
+    with pytest.raises(Killed):
+        s.save(path)
+    monkeypatch.undo()
+    assert len([n for n in os.listdir(tmp_path) if ".pages-" in n]) == 2  # the previous folder and the orphan
+
+    fresh = make_session(model, proc, CFG)
+    fresh.recall = FakeRecall(tmp_path / "archive")
+    assert fresh.restore(path)["frames_seen"] == 1
+    assert list(fresh.recall.archive.frames) == [7]
+    for a, b in zip(fresh.recall.archive.get(7), first[7], strict=True):
+        assert torch.equal(a, b)
+    fresh.save(path)
+    assert len([n for n in os.listdir(tmp_path) if ".pages-" in n]) == 1
