@@ -23,6 +23,15 @@ from infmllm_ros.ros.snapshots import Snapshots
 SESSION_METHODS = ("observe", "ask", "reset", "stats")
 
 
+def _archive_of(session):
+    """The session's frame archive: `session.recall.archive` (memory/recall.py), else `session.archive`, else None
+    (as engine/snapshot_archive.archive_of; not imported from there: that would load torch for any session)."""
+    recall = getattr(session, "recall", None)
+    if recall is not None and hasattr(recall, "archive"):
+        return recall.archive
+    return getattr(session, "archive", None)
+
+
 class Cancelled(Exception):
     """Raised from on_token to abandon a generation (reset requested or node deactivating)."""
 
@@ -175,8 +184,8 @@ class Worker:
             self.session_stats = dict(self.session.stats() or {})
         except Exception as e:  # stats() must not take the worker down
             self.session_stats = {"stats_error": str(e)}
-        archive = getattr(self.session, "archive", None)
         try:
+            archive = _archive_of(self.session)
             self.archive_stats = dict(archive.stats()) if archive is not None else {}
         except Exception as e:  # the archive must not take the worker down either
             self.archive_stats = {"stats_error": f"{type(e).__name__}: {e}"}

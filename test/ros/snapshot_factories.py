@@ -1,8 +1,8 @@
 """Session factories for the snapshot node tests (PYTHONPATH includes test/ros):
 
 ``snapshot_factories:faulty_archive``  the real engine (``model`` parameter, e.g. tiny:llava_llama) with a
-    stand-in ``session.archive`` that reports a disk fault, as the frame archive does after a failed page write
-    (FrameArchive.stats() keys);
+    stand-in long-term memory (``session.recall``, as memory/recall.py's FrameRecall) whose archive reports a disk
+    fault, as the frame archive does after a failed page write (FrameArchive.stats() keys);
 ``snapshot_factories:saving_fake``  the scripted fake session with a save() that records which thread called
     it and whether an answer was being generated at that moment."""
 
@@ -25,9 +25,31 @@ class FaultyArchive:
         return {"version": 1, "config": {}, "counters": {}, "stopped": None, "frames": []}
 
 
+class FaultyRecall:
+    """FrameRecall's interface to the session: archives nothing, recalls nothing."""
+
+    def __init__(self):
+        self.archive = FaultyArchive()
+
+    def reset(self):
+        pass
+
+    def archive_frame(self, cache, n, stamp):
+        return False
+
+    def before_question(self, session, chunk, question_tokens):
+        return 0
+
+    def release(self, cache):
+        pass
+
+    def stats(self):
+        return {"archive": self.archive.stats(), "recalls": 0}
+
+
 def faulty_archive(params: dict):
     session = make_session(params)
-    session.archive = FaultyArchive()
+    session.recall = FaultyRecall()
     return session
 
 
