@@ -5,8 +5,11 @@ from infmllm_ros.engine.errors import (
     InsufficientMemoryError,
     InvalidFrameError,
     InvalidInstructionError,
+    SnapshotCorruptError,
+    SnapshotError,
+    SnapshotMismatchError,
 )
 from infmllm_ros.engine.session import Answer, StreamingSession
 
 __all__ = ["Answer", "CacheFullError", "InsufficientMemoryError", "InvalidFrameError", "InvalidInstructionError",
-           "StreamingSession"]
+           "SnapshotCorruptError", "SnapshotError", "SnapshotMismatchError", "StreamingSession"]

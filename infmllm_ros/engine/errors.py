@@ -16,3 +16,15 @@ class InsufficientMemoryError(MemoryError):
 class CacheFullError(RuntimeError):
     """A non-evicting cache (policy "full") has no room for the next chunk + answer; nothing was fed. reset() or
     use an evicting policy / a larger budget."""
+
+
+class SnapshotError(RuntimeError):
+    """A session snapshot could not be saved or restored. On restore the session is left reset (a fresh start)."""
+
+
+class SnapshotCorruptError(SnapshotError):
+    """The snapshot file is missing, truncated, damaged (checksum) or not a snapshot."""
+
+
+class SnapshotMismatchError(SnapshotError):
+    """The snapshot was written by another model, cache config, dtype or format version."""

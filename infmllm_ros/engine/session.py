@@ -24,7 +24,7 @@ import torch
 
 from infmllm_ros import attention
 from infmllm_ros.cache import BoundedCache, CacheConfig
-from infmllm_ros.engine import frames, loading, memory, memory_view
+from infmllm_ros.engine import frames, loading, memory, memory_view, snapshot
 from infmllm_ros.engine.adapters import Chunk, adapter_for
 from infmllm_ros.engine.errors import CacheFullError, InvalidFrameError, InvalidInstructionError
 from infmllm_ros.engine.sampling import choose, mask_logits, penalize_repeats
@@ -255,6 +255,16 @@ class StreamingSession:
         self.chunk_map = memory_view.ChunkMap(lambda: memory_view.kept_indices(self.cache), 4 * self.cfg.capacity,
                                               self.system_prompt or "")  # memory view: stream index -> frame / turn
         self._broken: str | None = None
+
+    def save(self, path) -> dict:
+        """Write the whole session (cache, stream state, archive index) to `path` atomically (engine/snapshot.py).
+        Returns {"path", "bytes", "frames_seen", "tokens_stored"}; SnapshotError if it cannot."""
+        return snapshot.save(self, path)
+
+    def restore(self, path) -> dict:
+        """Resume from a snapshot written by save() with the same model, cache config and dtype. Returns its header;
+        on a mismatch or a damaged file raises SnapshotError and leaves the session reset (a fresh start)."""
+        return snapshot.restore(self, path)
 
     def memory(self) -> dict:
         """What the cache still holds, per frame and text turn, with totals (see engine/memory_view.py)."""

@@ -5,6 +5,7 @@
   worker.py      the one thread owning the session: frame mailbox, instruction queue, resets, answers
   outputs.py     ~/answer, ~/answer_stream, ~/result, ~/action, /diagnostics, shared counters
   motion.py      actions -> MotionGate -> cmd_vel (TwistStamped or Twist), the watchdog, stopping
+  snapshots.py   ~/save (queued to the worker) and memory.restore at configure (engine/snapshot.py)
 
 Lifecycle
   configure  validate every parameter, load the actions file, build the session, start the worker, create
@@ -58,7 +59,8 @@ USAGE = """usage: infmllm_node [--help] [--ros-args [--params-file FILE] [-p nam
 The ROS 2 lifecycle node keeping one continuous VLM session with a bounded Inf-MLLM KV cache.
 Subscribes image (sensor_msgs/Image, or CompressedImage on <image_topic>/compressed) and instruction
 (std_msgs/String); publishes ~/answer, ~/answer_stream, ~/result, ~/action, cmd_vel (only while armed through
-~/enable_actions) and /diagnostics. Every parameter, with its default and meaning, is in
+~/enable_actions) and /diagnostics; ~/save writes the session to memory.snapshot (memory.restore resumes it).
+Every parameter, with its default and meaning, is in
   {params}
 (ros2 launch infmllm_ros robot.launch.py uses that file; docs/ros.md describes the node.)
 """
@@ -183,6 +185,7 @@ class InfMLLMNode(LifecycleNode):
         self._svc_list = [
             self.create_service(Trigger, "~/reset", self._on_reset, callback_group=self._srv_group),
             self.create_service(SetBool, "~/enable_actions", self._on_enable_actions, callback_group=self._srv_group),
+            self.create_service(Trigger, "~/save", self._on_save, callback_group=self._srv_group),
         ]
         self.worker.start()
         self.state_label = "inactive"
@@ -244,6 +247,11 @@ class InfMLLMNode(LifecycleNode):
     # ------------------------------------------------------------------------------------------------ services
     def _on_reset(self, request, response):
         response.success, response.message = self.worker.request_reset(float(self.p.get("reset_timeout", 5.0)))
+        return response
+
+    def _on_save(self, request, response):
+        response.success, response.message = self.worker.snapshots.request(
+            float(self.p.get("memory.save_timeout", 30.0)))
         return response
 
     def _on_enable_actions(self, request, response):

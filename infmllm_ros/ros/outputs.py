@@ -71,6 +71,20 @@ def json_default(o):
     return str(o)
 
 
+def archive_fault(stats: dict) -> str:
+    """'' when the on-disk frame archive is healthy (or off), else what /diagnostics warns about."""
+    if not stats:
+        return ""
+    parts = []
+    if stats.get("stopped"):
+        parts.append(f"stopped ({stats['stopped']})")
+    for key, what in (("write_errors", "write error(s)"), ("damaged", "damaged page(s) skipped"),
+                      ("stats_error", "stats failed:")):
+        if stats.get(key):
+            parts.append(f"{stats[key]} {what}" if key != "stats_error" else f"{what} {stats[key]}")
+    return ("frame archive: " + ", ".join(parts) + "; answering continues") if parts else ""
+
+
 class Outputs:
     """The lifecycle publishers of answers and actions (created at configure) and /diagnostics (always)."""
 
@@ -203,7 +217,16 @@ class Outputs:
             "view_stale": n.state_label == "active" and worker.stale(),
             "rss_bytes": _rss_bytes(),
             "last_error": last_error,
+            "snapshot_status": worker.snapshots.status,
+            "snapshots_saved": c.get("snapshots_saved", 0),
+            "snapshot_errors": c.get("snapshot_errors", 0),
+            "last_save": worker.snapshots.last_save,
         }
+        arch = worker.archive_stats if worker.session is not None else {}
+        for k, val in arch.items():
+            if val is None or isinstance(val, (int, float, str)):
+                v["archive_" + k] = val
+        v["archive_fault"] = archive_fault(arch)
         for prefix, src in (("cache_", inner), ("session_", raw)):
             for k, val in src.items():
                 if isinstance(val, (int, float, str)) and not isinstance(val, bool) and k not in (
@@ -225,6 +248,8 @@ class Outputs:
             age = v["frame_age_s"]
             st.level, st.message = DiagnosticStatus.WARN, "view stale: " + (
                 "no frame yet" if age is None else f"newest frame {age:.1f} s old")
+        elif v["archive_fault"]:  # answering goes on from the GPU cache; the long-term memory is degraded
+            st.level, st.message = DiagnosticStatus.WARN, v["archive_fault"][:200]
         elif v["errors"] or v["last_error"]:
             st.level, st.message = DiagnosticStatus.WARN, v["last_error"][:200] or "errors in the session"
         else:

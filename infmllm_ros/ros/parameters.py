@@ -143,6 +143,12 @@ TABLE: tuple[Param, ...] = (
     Param("diagnostics_period", 1.0, "seconds between /diagnostics messages", when="live", lo=0.01, hi=3600.0),
     Param("reset_timeout", 5.0, "seconds ~/reset waits for the worker", when="live", lo=0.01, hi=3600.0),
     Param("memory.rate", 1.0, "Hz, at most, of ~/memory and ~/memory_image", lo=1e-3, hi=100.0),
+    Param("memory.snapshot", "", "file ~/save writes the whole session to (atomically) and memory.restore resumes "
+          "from; empty = saving and restoring off"),
+    Param("memory.restore", False, "at configure, resume from memory.snapshot if it exists (another model, cache "
+          "config or dtype, or a damaged file: logged, diagnostics WARN, fresh start)"),
+    Param("memory.save_timeout", 30.0, "seconds ~/save waits for the worker to write the snapshot", when="live",
+          lo=0.01, hi=3600.0),
 )
 BY_NAME = {p.name: p for p in TABLE}
 PARAMS: dict[str, object] = {p.name: p.default for p in TABLE}

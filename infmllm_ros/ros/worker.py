@@ -1,8 +1,9 @@
 """The worker: ONE thread that owns the session, with a one-slot frame mailbox (latest frame wins) and a bounded
 instruction queue. It observes at most ``frame_rate`` frames per second, answers instructions in arrival order
-(observing the newest pending frame first, so answers see the freshest view), runs resets, and hands answers
-and actions to outputs and motion. No other thread calls into the session; diagnostics read ``session_stats``,
-a snapshot the worker takes after each step."""
+(observing the newest pending frame first, so answers see the freshest view), runs resets and ``~/save``
+snapshots (between two steps, never during a forward), and hands answers and actions to outputs and motion. No
+other thread calls into the session; diagnostics read ``session_stats`` (and ``archive_stats``), copies the
+worker takes after each step. At configure, ``memory.restore`` resumes the session from ``memory.snapshot``."""
 
 from __future__ import annotations
 
@@ -17,8 +18,18 @@ from std_msgs.msg import String
 
 from infmllm_ros.actions import Action, ActionConstraint, ActionSpec, ActionValidator
 from infmllm_ros.ros import session_factory as sf
+from infmllm_ros.ros.snapshots import Snapshots
 
 SESSION_METHODS = ("observe", "ask", "reset", "stats")
+
+
+def _archive_of(session):
+    """The session's frame archive: `session.recall.archive` (memory/recall.py), else `session.archive`, else None
+    (as engine/snapshot_archive.archive_of; not imported from there: that would load torch for any session)."""
+    recall = getattr(session, "recall", None)
+    if recall is not None and hasattr(recall, "archive"):
+        return recall.archive
+    return getattr(session, "archive", None)
 
 
 class Cancelled(Exception):
@@ -33,6 +44,7 @@ class Worker:
         self.frame = None  # (rgb view, stamp_s, header stamp, t_received)
         self.instructions: collections.deque = collections.deque()
         self.reset_events: list[threading.Event] = []
+        self.save_events: list[threading.Event] = []
         self.stop_flag = False
         self.cancel = threading.Event()
         self.thread: threading.Thread | None = None
@@ -45,6 +57,8 @@ class Worker:
         self.validator: ActionValidator | None = None
         self.constraint: ActionConstraint | None = None
         self.constraint_error = ""
+        self.snapshots = Snapshots(self)  # ~/save and memory.restore
+        self.archive_stats: dict = {}  # session.archive.stats() after each step (diagnostics)
 
     @property
     def p(self) -> dict:
@@ -62,6 +76,7 @@ class Worker:
                             f"{type(session).__name__}, which lacks {', '.join(missing)}")
         self.session = session
         self.build_constraint()
+        self.snapshots.restore()
 
     def build_constraint(self):
         log = self.node.get_logger()
@@ -170,6 +185,11 @@ class Worker:
         except Exception as e:  # stats() must not take the worker down
             self.session_stats = {"stats_error": str(e)}
         try:
+            archive = _archive_of(self.session)
+            self.archive_stats = dict(archive.stats()) if archive is not None else {}
+        except Exception as e:  # the archive must not take the worker down either
+            self.archive_stats = {"stats_error": f"{type(e).__name__}: {e}"}
+        try:
             if self.node.memory_topics is not None:
                 self.node.memory_topics.update(self.session)
         except Exception as e:  # the memory view must not take the worker down
@@ -185,19 +205,24 @@ class Worker:
                         if self.stop_flag:
                             return
                         now = time.monotonic()
-                        if self.reset_events or self.instructions:
+                        if self.reset_events or self.save_events or self.instructions:
                             break
                         if self.frame is not None and now >= next_frame_t:
                             break
                         timeout = None if self.frame is None else min(max(next_frame_t - now, 0.001), 3600.0)
                         self.cv.wait(timeout)
                     resets, self.reset_events = self.reset_events, []
-                    instr = self.instructions.popleft() if (self.instructions and not resets) else None
+                    saves, self.save_events = ([], self.save_events) if resets else (self.save_events, [])
+                    instr = self.instructions.popleft() if (self.instructions and not resets and not saves) else None
                     frame = None
-                    if self.frame is not None and (instr is not None or time.monotonic() >= next_frame_t):
+                    if self.frame is not None and not saves and (instr is not None or
+                                                                 time.monotonic() >= next_frame_t):
                         frame, self.frame = self.frame, None
                 if resets:
                     self.do_reset(resets)
+                    continue
+                if saves:
+                    self.snapshots.run(saves)
                     continue
                 if frame is not None:
                     next_frame_t = time.monotonic() + 1.0 / float(self.p["frame_rate"])  # live parameter
