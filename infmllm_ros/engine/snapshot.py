@@ -354,6 +354,8 @@ def _apply(session, payload: dict) -> None:
     _set_scalars(cache, c["scalars"])
     for layer, values in zip(cache.layers, c["layers"], strict=True):
         _set_scalars(layer, values)
+    if getattr(cache, "turned", False) and hasattr(cache, "invalidate_read_keys"):
+        cache.invalidate_read_keys()  # the read copy of the keys is rebuilt from keys + offset, not trusted from disk
     s = payload["session"]
     session._pending = [int(t) for t in s["pending"]]
     fields = {f.name for f in dataclasses.fields(session.counters)}
