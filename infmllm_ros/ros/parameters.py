@@ -143,6 +143,12 @@ TABLE: tuple[Param, ...] = (
     Param("diagnostics_period", 1.0, "seconds between /diagnostics messages", when="live", lo=0.01, hi=3600.0),
     Param("reset_timeout", 5.0, "seconds ~/reset waits for the worker", when="live", lo=0.01, hi=3600.0),
     Param("memory.rate", 1.0, "Hz, at most, of ~/memory and ~/memory_image", lo=1e-3, hi=100.0),
+    Param("memory.recall_frames", 0, "archived frames recalled per question (long-term memory); 0 = off, no archive",
+          lo=0, hi=256),
+    Param("memory.archive_mb", 256.0, "bound of the on-disk frame archive in MiB (evenly thinned when full)",
+          lo=0.01, hi=float(1 << 24)),
+    Param("memory.archive_dir", "", "folder of the frame archive (cleared at configure and reset); empty = "
+          "$ROS_HOME/infmllm_ros/archive (~/.ros/...)"),
 )
 BY_NAME = {p.name: p for p in TABLE}
 PARAMS: dict[str, object] = {p.name: p.default for p in TABLE}
