@@ -68,7 +68,7 @@ class StreamingSession:
                  system_prompt: str | None = None, seed: int = 0, suppress_tokens=(), frame_max_side: int | None = None,
                  frame_min_side: int | None = None, frame_tokens: int | None = None, check_memory: bool = True,
                  memory_headroom: float = 0.1, recall_frames: int = 0, archive_mb: float = 256.0,
-                 archive_dir: str | None = None, trace: bool = False):
+                 archive_dir: str | None = None, recall_placement: str = "past", trace: bool = False):
         self.cfg = cache if cache is not None else CacheConfig()
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         if dtype is not None or device is not None:
@@ -95,8 +95,8 @@ class StreamingSession:
             memory.check_fits(self.kv_bytes, self.device, "KV cache buffers", memory_headroom)
         attention.install(model)
         self.cache = BoundedCache(self.cache_cfg, model.config, self.device, self.dtype)
-        self.recall = (FrameRecall(self.cache, int(recall_frames), recall_slots, archive_mb, archive_dir)
-                       if recall_frames else None)
+        self.recall = (FrameRecall(self.cache, int(recall_frames), recall_slots, archive_mb, archive_dir,
+                                   recall_placement) if recall_frames else None)
         lo, hi = self.adapter.frame_bounds()
         self.frame_min_side, self.frame_max_side = frame_min_side or lo, frame_max_side or hi
         self.system_prompt, self.seed, self.trace = system_prompt, seed, trace

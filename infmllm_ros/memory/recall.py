@@ -41,6 +41,8 @@ import torch
 
 from infmllm_ros.memory.archive import FrameArchive
 
+PLACEMENTS = ("question", "past")
+REP_TOKENS = 4  # representative keys per frame, layer and KV head in the index (archive.py: why)
 HELD_FRACTION = 0.5  # a frame the cache still holds at least half of is not recalled (it is in view already)
 DEFAULT_ARCHIVE_MB = 256.0
 # the cache's stacked per-slot tensors, [layers, H, cap, ...]: what a slot move must carry
@@ -56,16 +58,20 @@ class FrameRecall:
     """The session's long-term memory: a FrameArchive filled at prefill, recalled into reserved cache slots."""
 
     def __init__(self, cache, recall_frames: int, recall_slots: int, archive_mb: float = DEFAULT_ARCHIVE_MB,
-                 archive_dir: str | None = None):
+                 archive_dir: str | None = None, placement: str = "past"):
         if recall_frames < 1:
             raise ValueError(f"recall_frames must be >= 1 to recall, got {recall_frames}")
         if not archive_mb > 0:
             raise ValueError(f"memory.archive_mb must be > 0, got {archive_mb}")
+        if placement not in PLACEMENTS:
+            raise ValueError(f"recall placement must be one of {PLACEMENTS}, got {placement!r}")
+        self.placement = placement
         self.recall_frames, self.recall_slots = int(recall_frames), int(recall_slots)
         self.max_bytes = int(archive_mb * 2**20)
         self.dir = os.path.expanduser(archive_dir) if archive_dir else default_archive_dir()
         n_layers, heads, _cap, head_dim = cache.keys.shape
-        self.shape = dict(layers=n_layers, heads=heads, head_dim=head_dim, rows=cache.rows)
+        self.shape = dict(layers=n_layers, heads=heads, head_dim=head_dim, rows=cache.rows, rep_tokens=REP_TOKENS,
+                          inv_freq=cache.inv_freq)
         self.archive: FrameArchive | None = None
         self.reset()
 
@@ -112,9 +118,9 @@ class FrameRecall:
         frac[order] = frac_sorted
         return frac
 
-    def choose(self, cache, queries: torch.Tensor) -> list[int]:
+    def choose(self, cache, queries: torch.Tensor, query_positions: torch.Tensor) -> list[int]:
         """Frame ids to recall: best score first among the frames not held, as many as fit recall_frames / slots."""
-        ids, scores = self.archive.score(queries)
+        ids, scores = self.archive.score(queries, query_positions=query_positions)
         if not ids:
             return []
         held = self.held_fraction(cache, ids)
@@ -136,15 +142,15 @@ class FrameRecall:
         self.last = dict(frames=0, tokens=0, bytes_read=0, seconds=0.0, stamps=[])
         if not self.archive.frames:
             return 0
-        queries = probe_queries(session, chunk, question_tokens)
-        picked = sorted(self.choose(cache, queries))  # oldest first: their order in time is kept
+        queries, positions = probe_queries(session, chunk, question_tokens)
+        picked = sorted(self.choose(cache, queries, positions))  # oldest first: their order in time is kept
         got = []
         for f in picked:
             kv = self.archive.get(f, dtype=cache.keys.dtype)
             if kv is not None:  # a damaged page is skipped (counted in the archive)
                 got.append((f, *kv))
         seen0 = cache.seen
-        tokens = insert_frames(cache, [(k, v, p) for _, k, v, p in got])
+        tokens = insert_frames(cache, [(k, v, p) for _, k, v, p in got], before_held=self.placement == "past")
         end = seen0
         for f, k, _v, _p in got:  # memory view: the recalled tokens are frames, with their archived stamps
             end += k.shape[2]
@@ -173,9 +179,10 @@ class FrameRecall:
 
 
 # ---- cache operations (on the cache's stacked tensors; the cache itself is not changed) ---------------------------
-def probe_queries(session, chunk, question_tokens: int) -> torch.Tensor:
-    """The question's queries [layers, q_heads, question_tokens, D] (rotated at their positions), from one forward of
-    the question chunk that is then rolled back: the cache is left as it was (slots past `stored` are free)."""
+def probe_queries(session, chunk, question_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The question's queries [layers, q_heads, question_tokens, D] (rotated at their positions) and those positions
+    [question_tokens] (text: every M-RoPE row equal), from one forward of the question chunk that is then rolled
+    back: the cache is left as it was (slots past `stored` are free)."""
     cache = session.cache
     n = cache.stored
     saved = dict(stored=[la.stored for la in cache.layers], seen=[la.seen for la in cache.layers],
@@ -202,13 +209,18 @@ def probe_queries(session, chunk, question_tokens: int) -> torch.Tensor:
         cache.window[..., :n] = saved["window"]
         cache.accumulated[..., :n] = saved["accumulated"]
         cache._pending = None
-    return torch.stack([captured[i] for i in range(len(cache.layers))])
+    positions = pos.reshape(-1, pos.shape[-1])[0, -question_tokens:].cpu()
+    return torch.stack([captured[i] for i in range(len(cache.layers))]), positions
 
 
-def insert_frames(cache, frames) -> int:
+def insert_frames(cache, frames, before_held: bool = False) -> int:
     """Append archived frames (keys/values [layers, H, n, D] rotated at their original positions, positions [n, rows])
-    after the stored slots, at the positions after next_position, one after the other. Returns the tokens added."""
+    after the stored slots, one after the other at the positions after next_position (before_held: at the positions
+    just before the oldest held token, so they read as older than everything held). Returns the tokens added."""
     s, start = cache.stored, cache.next_position
+    spans = sum(int(p.max()) - int(p.min()) + 1 for _, _, p in frames)
+    if before_held:
+        start = (int(cache.pos[:, :, :s].min()) if s else 0) - spans
     total = 0
     for keys, values, positions in frames:
         n = keys.shape[2]
@@ -231,7 +243,8 @@ def insert_frames(cache, frames) -> int:
             layer.stored += total
             layer.seen += total
             layer.scored = layer.stored
-        cache.next_position = start
+        if not before_held:
+            cache.next_position = start
         cache.turned = True  # the recalled keys sit at positions other than the ones they were rotated at
     return total
 

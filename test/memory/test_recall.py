@@ -63,7 +63,7 @@ class Spy:
             held = cache.stored
             picked = []
             choose = recall.choose
-            recall.choose = lambda c, queries: picked.extend(choose(c, queries)) or list(picked)
+            recall.choose = lambda c, queries, qpos: picked.extend(choose(c, queries, qpos)) or list(picked)
             try:
                 tokens = before_question(session_, chunk, q_tokens)
             finally:
@@ -90,9 +90,10 @@ def _stream(family, recall_frames, budget=40, frames=8, positions="absolute", **
     return model, s, spy, a
 
 
-@pytest.mark.parametrize("family", ["llava_llama", "qwen2_vl"])
-def test_recalled_kv_is_the_archived_kv_and_answer_matches_plain_forward(family, tmp_path):
-    model, s, spy, a = _stream(family, recall_frames=2, archive_dir=str(tmp_path))
+@pytest.mark.parametrize("family,placement", [("llava_llama", "question"), ("llava_llama", "past"),
+                                               ("qwen2_vl", "question"), ("qwen2_vl", "past")])
+def test_recalled_kv_is_the_archived_kv_and_answer_matches_plain_forward(family, placement, tmp_path):
+    model, s, spy, a = _stream(family, recall_frames=2, archive_dir=str(tmp_path), recall_placement=placement)
     assert s.archive is not None and len(s.archive.frames) == 8
     (rec,) = spy.recalls
     assert rec["tokens"] > 0 and rec["picked"], "nothing was recalled: the test would prove nothing"
@@ -101,8 +102,10 @@ def test_recalled_kv_is_the_archived_kv_and_answer_matches_plain_forward(family,
     inv_freq = _text_model(model).rotary_emb.inv_freq
     slot, pos_next = held, None
     rec_keys, rec_vals = [], []
-    start = rec["next_position"] - sum(
-        int(spy.originals[f][2].max() - spy.originals[f][2].min() + 1) for f in rec["picked"])
+    spans = sum(int(spy.originals[f][2].max() - spy.originals[f][2].min() + 1) for f in rec["picked"])
+    # "question": right after the held positions (next_position moved past them); "past": right before the oldest held
+    end = rec["next_position"] if placement == "question" else int(rec["pos"][:, :, :held].min())
+    start = end - spans
     for fid in rec["picked"]:
         k0, v0, p0 = spy.originals[fid]
         n = k0.shape[2]
@@ -123,7 +126,7 @@ def test_recalled_kv_is_the_archived_kv_and_answer_matches_plain_forward(family,
         rec_vals.append(gv)
         start += int(p0.max() - p0.min() + 1)
         slot += n
-    assert start == rec["next_position"]
+    assert start == end
     # held tokens (positions "absolute": never turned) as stored
     assert bool((rec["offset"][:, :, :held] == 0).all())
 
