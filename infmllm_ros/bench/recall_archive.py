@@ -77,6 +77,7 @@ def arms(budget: int, recall_slots: int, frame_tokens: int, saddle: str, k: int)
         dict(name=sad.name, spec=sad, budget=budget),
         dict(name=sad.name + "@gpu", spec=sad, budget=gpu),
         dict(name=sad.name + "+archive", spec=sad, budget=budget, recall_frames=k),
+        dict(name=sad.name + "+archive[question]", spec=sad, budget=budget, recall_frames=k, placement="question"),
     ]
 
 
@@ -102,9 +103,16 @@ def stream(session, ep: world.Episode, name: str, max_new_tokens: int) -> tuple[
                              recalled_frames=int(last_recall.get("frames", 0)),
                              bytes_read=int(last_recall.get("bytes_read", 0)),
                              hit=(recall.STAMP0 + ep.frames[e.seen_frame].t in last_recall.get("stamps", ()))
-                             if e.seen_frame is not None and last_recall.get("frames") else None,
+                             if e.seen_frame is not None else None,
                              kv_bytes=int(st.get("kv_bytes_budget") or st.get("kv_bytes") or 0)))
     return rows, dict(archive_bytes=archive_bytes)
+
+
+def _hit_rate(rows, window_frames):
+    """Share of past questions beyond the window whose evidence frame was among the recalled ones."""
+    hits = [r["hit"] for r in rows if r["kind"] == "past" and r["distance"] is not None
+            and r["distance"] > window_frames and r["hit"] is not None]
+    return {"n": len(hits), "hits": sum(hits)} if hits else None
 
 
 def _median(xs):
@@ -136,7 +144,8 @@ def run_length(model, processor, seeds, n_frames, n_questions, budget, k, saddle
         cfg = spec.cache_config(b, max_chunk, max_new_tokens)
         with tempfile.TemporaryDirectory(prefix="bench_archive_") as folder:
             session = StreamingSession(model, processor, cache=cfg, recall_frames=arm.get("recall_frames", 0),
-                                       archive_mb=archive_mb, archive_dir=folder)
+                                       archive_mb=archive_mb, archive_dir=folder,
+                                       recall_placement=arm.get("placement", "past"))
             runner = SimpleStream(session, arm["keep"]) if "keep" in arm else session
             t0, mine, archive_bytes = time.perf_counter(), [], 0
             for ep in eps:
@@ -148,6 +157,8 @@ def run_length(model, processor, seeds, n_frames, n_questions, budget, k, saddle
         recalled = [r for r in mine if r["recalled_frames"]]
         entry = dict(spec=spec.describe(b), budget=b, kv_bytes=kv_bytes, seconds=round(time.perf_counter() - t0, 1),
                      recall_frames=arm.get("recall_frames", 0), keep_frames=arm.get("keep"),
+                     placement=arm.get("placement", "past") if arm.get("recall_frames") else None,
+                     hit_rate=_hit_rate(mine, window_frames),
                      latency_median_s=_median([r["latency_s"] for r in mine]),
                      recall_median_s=_median([r["recall_s"] for r in recalled]),
                      bytes_read_mean=round(sum(r["bytes_read"] for r in mine) / len(mine)) if mine else 0,
@@ -199,7 +210,7 @@ def markdown(res: dict) -> str:
                      f"{run['frame_tokens']} tokens (budget holds {w} frames); reserved recall slots "
                      f"{run['recall_slots']}; full cache budget {run['full_budget']}.\n")
         header = ["arm", "budget", "KV MiB", f"past > {w} frames", "past", "all", "latency median ms",
-                  "recall median ms", "disk read / question KiB", "archive MiB", "s"]
+                  "recall median ms", "evidence frame recalled", "disk read / question KiB", "archive MiB", "s"]
         rows = []
         for name, e in run["policies"].items():
             if "skipped" in e:
@@ -209,6 +220,8 @@ def markdown(res: dict) -> str:
                          _acc(e["by_kind"]["past"]), _acc(e["overall"]),
                          round(1000 * e["latency_median_s"], 1) if e["latency_median_s"] is not None else "",
                          round(1000 * e["recall_median_s"], 1) if e["recall_median_s"] is not None else "",
+                         f"{e['hit_rate']['hits']}/{e['hit_rate']['n']}" if e["recall_frames"] and e["hit_rate"]
+                         else "",
                          round(e["bytes_read_mean"] / 1024, 1) if e["recall_frames"] else "",
                          round(e["archive_bytes"] / 2**20, 3) if e["recall_frames"] else "", e["seconds"]])
         lines.append(common.md_table(header, rows))
@@ -258,7 +271,8 @@ def parse(argv):
     p.add_argument("--questions-every", type=int, default=3, help="questions per episode = frames // this")
     p.add_argument("--max-questions", type=int, default=64, help="at most this many questions per episode")
     p.add_argument("--budget", type=int, default=128)
-    p.add_argument("--recall-frames", type=int, default=2)
+    p.add_argument("--recall-frames", type=int, default=1, help="frames recalled per question (1: best of 1, 2, 4 "
+                   "on seeds 16-23)")
     p.add_argument("--archive-mb", type=float, default=256.0)
     p.add_argument("--saddle", default=DEFAULT_SADDLE, help="saddle bias:strength")
     p.add_argument("--max-new-tokens", type=int, default=40)

@@ -145,6 +145,8 @@ TABLE: tuple[Param, ...] = (
     Param("memory.rate", 1.0, "Hz, at most, of ~/memory and ~/memory_image", lo=1e-3, hi=100.0),
     Param("memory.recall_frames", 0, "archived frames recalled per question (long-term memory); 0 = off, no archive",
           lo=0, hi=256),
+    Param("memory.recall_placement", "past", "where recalled frames sit: past (positions before the held tokens) or "
+          "question (right before the question)", choices=("past", "question")),
     Param("memory.archive_mb", 256.0, "bound of the on-disk frame archive in MiB (evenly thinned when full)",
           lo=0.01, hi=float(1 << 24)),
     Param("memory.archive_dir", "", "folder of the frame archive (cleared at configure and reset); empty = "

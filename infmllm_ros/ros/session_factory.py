@@ -122,7 +122,8 @@ def recall_kwargs(params: dict) -> dict:
     folder = str(params.get("memory.archive_dir", "")).strip() or os.path.join(
         os.environ.get("ROS_HOME") or os.path.join(os.path.expanduser("~"), ".ros"), "infmllm_ros", "archive")
     return dict(recall_frames=frames, archive_mb=float(params.get("memory.archive_mb", 256.0)),
-                archive_dir=os.path.expanduser(folder))
+                archive_dir=os.path.expanduser(folder),
+                recall_placement=str(params.get("memory.recall_placement", "past")))
 
 
 def embedded_model() -> str:
