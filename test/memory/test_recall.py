@@ -68,9 +68,9 @@ class Spy:
                 tokens = before_question(session_, chunk, q_tokens)
             finally:
                 recall.choose = choose
-            c = cache
+            c = cache  # the state the question's prefill starts from
             self.recalls.append(dict(
-                held=held - 0, tokens=tokens, picked=sorted(picked), ids=chunk.ids.clone(),
+                held=held, tokens=tokens, picked=sorted(picked), ids=chunk.ids.clone(),
                 keys=c.keys[:, :, :c.stored].clone(), values=c.values[:, :, :c.stored].clone(),
                 pos=c.pos[:, :, :c.stored].clone(), offset=c.offset[:, :, :c.stored].clone(),
                 next_position=c.next_position, stored=c.stored))
@@ -98,9 +98,9 @@ def test_recalled_kv_is_the_archived_kv_and_answer_matches_plain_forward(family,
     (rec,) = spy.recalls
     assert rec["tokens"] > 0 and rec["picked"], "nothing was recalled: the test would prove nothing"
     held = rec["stored"] - rec["tokens"]
-    assert held <= s.cfg.budget + 0  # stream evicted to the budget before the question
+    assert held <= s.cfg.budget  # the stream was evicted to the budget before the question
     inv_freq = _text_model(model).rotary_emb.inv_freq
-    slot, pos_next = held, None
+    slot = held
     rec_keys, rec_vals = [], []
     spans = sum(int(spy.originals[f][2].max() - spy.originals[f][2].min() + 1) for f in rec["picked"])
     # "question": right after the held positions (next_position moved past them); "past": right before the oldest held
