@@ -14,21 +14,27 @@ Question time (`FrameRecall.before_question`, from `StreamingSession.ask`):
 2. Rank: `FrameArchive.score` (max over the question's queries of q . representative key, mean over layers and
    heads). Frames whose tokens the cache still holds (at least HELD_FRACTION of their (layer, head, token) slots,
    from the stream indices) are skipped; the best `recall_frames` others that fit the reserved slots are taken.
-3. Insert, oldest first, into the slots right after the held tokens, at the positions right after the held ones:
-   keys stay as archived (rotated at their original position p0), the slot's offset = new - p0 (rotate-on-read; one
-   shift for every M-RoPE row, so the frame's t/h/w layout is kept). Stream indices: the recalled tokens take the
-   next `n` stream indices (seen grows by n, so the causal mask's offsets stay valid) and the chunk map gets a
-   frame span with the archived stamp, so the memory view / evidence see them as frames.
+3. Insert, oldest first, into the slots right after the held tokens. Keys stay as archived (rotated at their
+   original position p0); the slot's offset = new - p0 (rotate-on-read; one shift for every M-RoPE row, so the
+   frame's t/h/w layout is kept). Positions (`placement`): "past" (default): just before the oldest held token, so
+   the recalled frames read as older than everything in view; "question": just after the held tokens, right before
+   the question (the issue's first design). Why "past" is the default: with "question", the tiny robot VLM took the
+   recalled frame for the current view: current questions fell from 94 % to 62 % (1 frame) and 30 % (2 frames) on
+   held-out seeds 16-23, while "past" left them at 95 % (docs/BENCHMARKS.md has both on seeds 0-7). Stream indices:
+   the recalled tokens take the next `n` stream indices (seen grows by n, so the causal mask's offsets stay valid)
+   and the chunk map gets a frame span with the archived stamp, so the memory view / evidence see them as frames.
 4. The question is prefilled WITHOUT eviction, the answer decoded over held + recalled + question.
 5. `release`: the recalled slots are compacted out (everything after them moves down) and the deferred eviction
    runs (`end_chunk`, with the question's window scores, the answer's tokens counted as scored 0): the recalled
    slots are never eviction candidates, and the held tokens are evicted back to the budget as usual.
 
-Bounds: GPU slots: the cache's capacity includes `recall_slots` = recall_frames x max frame chunk tokens, so
-stored <= budget + recall_slots + question chunk + answer <= capacity. Positions: during an answer, next_position
-grows by at most the recalled frames' position spans (<= recall_slots); the gap they leave is squeezed out by the
-deferred eviction's re-index (positions "reindex"), so the bound between questions is the one without recall. With
-positions "absolute" (the test oracle) the recalled spans stay consumed, like every other token.
+Bounds: GPU slots: the cache's capacity includes `recall_slots` = recall_frames x (max frame chunk tokens + 8), so
+stored <= budget + recall_slots + question chunk + answer <= capacity. Positions: "question" placement moves
+next_position by at most the recalled frames' position spans (<= recall_slots) during an answer, and the deferred
+eviction's re-index (positions "reindex") squeezes that gap out again, so the bound between questions is the one
+without recall; "past" placement uses positions below the held ones (down to -recall_slots, which RoPE handles
+like any other offset) and leaves next_position alone. With positions "absolute" (the test oracle) a "question"
+recall's spans stay consumed, like every other token.
 """
 
 from __future__ import annotations
