@@ -198,8 +198,13 @@ class StreamingSession:
         chunk = self._with_pending(Chunk(ids=ids, mm_token_type_ids=torch.zeros_like(ids)))
         # long-term memory: archived frames into the reserved slots; the question's eviction waits for the release
         recalled = self.recall.before_question(self, chunk, ids.shape[1]) if self.recall else 0
-        with memory_view.probing(self.cache, ids.shape[1]) as probe:  # memory view: the question's attention mass
-            logits = self._prefill(chunk, evict=not recalled)
+        try:
+            with memory_view.probing(self.cache, ids.shape[1]) as probe:  # memory view: the question's attention mass
+                logits = self._prefill(chunk, evict=not recalled)
+        except BaseException:
+            if recalled and not self._broken:  # refused before its forward (cache full): the slots go back
+                self._release_recall()
+            raise
         question = self.chunk_map.mark("instruction", int(self.cache.get_seq_length()), ids.shape[1], text=text)
         self.counters.questions += 1
         self.counters.last_question_tokens = ids.shape[1]
