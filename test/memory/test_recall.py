@@ -219,3 +219,17 @@ def test_reset_clears_the_archive(tmp_path):
     assert len(s.archive.frames) == 3 and os.listdir(tmp_path)
     s.reset()
     assert len(s.archive.frames) == 0 and not [f for f in os.listdir(tmp_path) if f.endswith(".kvp")]
+
+
+def test_node_parameters_reach_the_session(tmp_path, monkeypatch):
+    from infmllm_ros.ros.parameters import PARAMS
+    from infmllm_ros.ros.session_factory import recall_kwargs
+
+    assert recall_kwargs(dict(PARAMS)) == {}  # the defaults: recall off
+    monkeypatch.setenv("ROS_HOME", str(tmp_path))
+    got = recall_kwargs({**PARAMS, "memory.recall_frames": 2, "memory.archive_mb": 8.0})
+    assert got == dict(recall_frames=2, archive_mb=8.0, archive_dir=str(tmp_path / "infmllm_ros" / "archive"),
+                       recall_placement="past")
+    model, proc = get_tiny("llava_llama")
+    s = make_session(model, proc, CacheConfig(budget=64, recent=8, max_new_tokens=4), **got)
+    assert s.archive is not None and os.path.isdir(got["archive_dir"]) and s.archive.max_bytes == 8 * 2**20
