@@ -29,6 +29,7 @@ import torch
 from infmllm_ros import world
 from infmllm_ros.bench import common, policies, recall
 from infmllm_ros.bench.policies import PolicySpec
+from infmllm_ros.memory.recall import HELD_FRACTION
 
 DEFAULT_SEEDS = list(range(8))
 DEFAULT_FRAMES = (96, 384)
@@ -64,7 +65,7 @@ class SimpleStream:
         return self.session.stats()
 
 
-def arms(budget: int, recall_slots: int, frame_tokens: int, saddle: str, k: int) -> list[dict]:
+def arms(budget: int, recall_slots: int, frame_tokens: int, saddle: str, k: int, oracle: bool = False) -> list[dict]:
     sad = policies.saddle_spec(*policies.parse_saddle(saddle))
     slm = PolicySpec("streaming_llm", "streaming_llm", sinks=policies.DEFAULT_SINKS)
     gpu = budget + recall_slots
@@ -78,10 +79,24 @@ def arms(budget: int, recall_slots: int, frame_tokens: int, saddle: str, k: int)
         dict(name=sad.name + "@gpu", spec=sad, budget=gpu),
         dict(name=sad.name + "+archive", spec=sad, budget=budget, recall_frames=k),
         dict(name=sad.name + "+archive[question]", spec=sad, budget=budget, recall_frames=k, placement="question"),
-    ]
+    ] + ([dict(name=sad.name + "+archive[oracle]", spec=sad, budget=budget, recall_frames=k, oracle=True)]
+         if oracle else [])
 
 
-def stream(session, ep: world.Episode, name: str, max_new_tokens: int) -> tuple[list[dict], dict]:
+def oracle_choice(recall_state, asked: dict):
+    """A ranking that knows the answer: the frame the question's evidence is in (if archived and not held), else
+    nothing. The ceiling of any ranking: how much a recalled evidence frame helps the model answer."""
+    def choose(cache, queries, query_positions):
+        stamp = asked.get("stamp")
+        ids = [f for f, e in recall_state.archive.frames.items() if e.stamp == stamp]
+        if stamp is None or not ids:
+            return []
+        return ids if float(recall_state.held_fraction(cache, ids)[0]) < HELD_FRACTION else []
+    return choose
+
+
+def stream(session, ep: world.Episode, name: str, max_new_tokens: int, asked: dict | None = None
+           ) -> tuple[list[dict], dict]:
     by_frame = defaultdict(list)
     for e in ep.events:
         by_frame[e.frame].append(e)
@@ -91,6 +106,8 @@ def stream(session, ep: world.Episode, name: str, max_new_tokens: int) -> tuple[
     for f in ep.frames[:last + 1]:
         session.observe(f.rgb, recall.STAMP0 + f.t)
         for e in by_frame[f.index]:
+            if asked is not None:  # the oracle arm's ranking reads the evidence frame's stamp
+                asked["stamp"] = recall.STAMP0 + ep.frames[e.seen_frame].t if e.seen_frame is not None else None
             a = session.ask(e.question, max_new_tokens=max_new_tokens, temperature=0.0)
             st = session.stats()
             rec = (st.get("recall") or {})
@@ -120,7 +137,7 @@ def _median(xs):
 
 
 def run_length(model, processor, seeds, n_frames, n_questions, budget, k, saddle, max_new_tokens, max_chunk,
-               full_max, archive_mb, log=print) -> dict:
+               full_max, archive_mb, log=print, only=None, oracle=False) -> dict:
     from infmllm_ros.engine import StreamingSession
 
     eps = [world.make_episode(int(s), n_frames, n_questions) for s in seeds]
@@ -134,8 +151,10 @@ def run_length(model, processor, seeds, n_frames, n_questions, budget, k, saddle
     window_frames = budget // max(frame_tokens, 1)
     full_budget = max(recall.episode_tokens_bound(ep, frame_tokens, max_new_tokens) for ep in eps)
     per, records = {}, []
-    for arm in arms(budget, recall_slots, frame_tokens, saddle, k):
+    for arm in arms(budget, recall_slots, frame_tokens, saddle, k, oracle):
         name, spec = arm["name"], arm["spec"]
+        if only and name not in only:
+            continue
         b = full_budget if arm["budget"] is None else arm["budget"]
         if arm["budget"] is None and b > full_max:
             per[name] = {"skipped": f"the stream needs a budget of {b} > --full-max {full_max}"}
@@ -147,9 +166,12 @@ def run_length(model, processor, seeds, n_frames, n_questions, budget, k, saddle
                                        archive_mb=archive_mb, archive_dir=folder,
                                        recall_placement=arm.get("placement", "past"))
             runner = SimpleStream(session, arm["keep"]) if "keep" in arm else session
+            asked = {} if arm.get("oracle") else None
+            if asked is not None:
+                session.recall.choose = oracle_choice(session.recall, asked)
             t0, mine, archive_bytes = time.perf_counter(), [], 0
             for ep in eps:
-                rows, extra = stream(runner, ep, name, max_new_tokens)
+                rows, extra = stream(runner, ep, name, max_new_tokens, asked)
                 mine += rows
                 archive_bytes = max(archive_bytes, extra["archive_bytes"])
             kv_bytes = session.kv_bytes
@@ -275,6 +297,8 @@ def parse(argv):
                    "on seeds 16-23)")
     p.add_argument("--archive-mb", type=float, default=256.0)
     p.add_argument("--saddle", default=DEFAULT_SADDLE, help="saddle bias:strength")
+    p.add_argument("--arms", nargs="*", default=None, help="only these arms (names as in the table)")
+    p.add_argument("--oracle", action="store_true", help="add saddle+archive[oracle]: recall the evidence frame")
     p.add_argument("--max-new-tokens", type=int, default=40)
     p.add_argument("--max-chunk", type=int, default=256)
     p.add_argument("--full-max", type=int, default=32768)
@@ -308,7 +332,8 @@ def main(argv=None, model=None, processor=None):
         q = max(1, min(a.max_questions, n // a.questions_every))
         print(f"recall-archive: {n} frames, {q} questions per episode, seeds {a.seeds}", flush=True)
         runs.append(run_length(model, processor, a.seeds, n, q, a.budget, a.recall_frames, a.saddle,
-                               a.max_new_tokens, a.max_chunk, a.full_max, a.archive_mb))
+                               a.max_new_tokens, a.max_chunk, a.full_max, a.archive_mb, only=a.arms,
+                               oracle=a.oracle))
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     res = dict(kind="recall_archive", model=model_name, seeds=[int(s) for s in a.seeds], budget=a.budget,
                recall_frames=a.recall_frames, archive_mb=a.archive_mb, saddle=a.saddle,
