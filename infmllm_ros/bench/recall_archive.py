@@ -225,7 +225,12 @@ def markdown(res: dict) -> str:
              f"{common.describe_machine(res['machine'])}; commit {res['commit']}.\n",
              f"`{res['command']}`\n",
              "`@gpu` rows and `simplestream` get budget + the reserved recall slots: the same K/V bytes as "
-             "saddle+archive. simplestream re-prefills its last frames for every question (fresh context).\n"]
+             "saddle+archive. simplestream re-prefills its last frames for every question (fresh context). "
+             "`+archive` places recalled frames before the held tokens (default), `[question]` right before the "
+             "question, `[oracle]` recalls the question's evidence frame (a ranking that knows the answer). "
+             "'evidence frame recalled': past questions beyond the window whose evidence frame was recalled.\n"]
+    if res.get("note"):
+        lines.append(f"Note: {res['note']}\n")
     for run in res["runs"]:
         w = run["window_frames"]
         lines.append(f"\n{run['frames']} frames per episode, {run['n_questions']} questions; a frame is "
@@ -274,6 +279,13 @@ def plot(res: dict, path: Path) -> None:
 def findings(name: str, res: dict) -> list[str]:
     out = []
     for run in res["runs"]:
+        for arm, e in run["policies"].items():
+            if arm.endswith("[oracle]") and "skipped" not in e:
+                hit, beyond = e.get("hit_rate") or {}, e["past_beyond_window"]
+                out.append(f"`{name}`, {run['frames']} frames: {arm} (recalls the evidence frame itself, "
+                           f"{hit.get('hits', 0)}/{hit.get('n', 0)} past questions beyond the window): "
+                           f"{100 * beyond['accuracy']:.0f} % on them (n={beyond['n']}),"
+                           f" {100 * e['overall']['accuracy']:.0f} % on all: the ceiling of the frame ranking.")
         t = run.get("target")
         if t:
             full = f", full {100 * t['full']:.0f} %" if t["full"] is not None else ""
