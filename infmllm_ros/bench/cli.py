@@ -23,6 +23,7 @@ COMMANDS = {
     "actions": ("infmllm_ros.bench.actions", "action constraint set-up and per-action cost, xgrammar vs lmfe"),
     "real-size": ("infmllm_ros.bench.real_size", "SmolVLM-256M / Qwen2-VL-2B shapes: session vs plain transformers"),
     "evidence": ("infmllm_ros.bench.evidence", "does an answer's top evidence frame show the asked object (vs chance)"),
+    "recall-archive": ("infmllm_ros.bench.recall_archive", "frame archive + recall vs policies, SimpleStream, full"),
 }
 
 # `all`: every measurement on the committed models, then the report. The trainers are left out on purpose

@@ -24,6 +24,7 @@ from infmllm_ros.bench import (
     read_cost,
     real_size,
     recall,
+    recall_archive,
     text_ppl,
     train_lm,
     window_compare,
@@ -31,14 +32,14 @@ from infmllm_ros.bench import (
 
 RENDERERS = {"train_lm": train_lm, "text_ppl": text_ppl, "cost": cost, "cache_cost": cache_cost_view,
              "cache_layer_scaling": cache_scaling_view, "read_cost": read_cost, "recall": recall,
-             "evidence": evidence, "window_compare": window_compare, "real_size": real_size, "actions": actions,
-             "gpu_check": gpu_check}
-ORDER = ["train_lm", "text_ppl", "cost", "cache_cost", "cache_layer_scaling", "read_cost", "recall", "evidence",
-         "window_compare",
-         "real_size", "actions", "gpu_check"]
+             "recall_archive": recall_archive, "evidence": evidence, "window_compare": window_compare,
+             "real_size": real_size, "actions": actions, "gpu_check": gpu_check}
+ORDER = ["train_lm", "text_ppl", "cost", "cache_cost", "cache_layer_scaling", "read_cost", "recall", "recall_archive",
+         "evidence", "window_compare", "real_size", "actions", "gpu_check"]
 TITLES = {"train_lm": "Model", "text_ppl": "Quality", "cost": "Cost", "cache_cost": "Cache cost",
           "cache_layer_scaling": "Eviction cost vs layers", "read_cost": "Reading the keys per decode step",
-          "recall": "Recall vs distance", "evidence": "Answer evidence", "window_compare": "Retrieval window",
+          "recall": "Recall vs distance", "recall_archive": "Long-term memory (frame archive)",
+          "evidence": "Answer evidence", "window_compare": "Retrieval window",
           "real_size": "Real-size shapes vs plain transformers", "actions": "Constrained actions",
           "gpu_check": "GPU check"}
 SETUP = ["apt-get install -y bible-kjv            # the KJV text (Debian bible-kjv + bible-kjv-text), as root",
@@ -101,7 +102,7 @@ def findings(results: list[tuple[Path, dict]]) -> list[str]:
             out.append(f"`{path.name}` at {longest} tokens: " + "; ".join(parts) + ".")
         elif res["kind"] == "recall":
             out += recall.findings(path.name, res)
-        elif res["kind"] in ("window_compare", "gpu_check", "evidence"):
+        elif res["kind"] in ("window_compare", "gpu_check", "evidence", "recall_archive"):
             out += RENDERERS[res["kind"]].findings(path.name, res)
     return out
 

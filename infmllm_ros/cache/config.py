@@ -28,6 +28,8 @@ class CacheConfig:
                      "absolute" keeps the stream positions (the test oracle).
     max_chunk:       largest prefill chunk the session will feed.
     max_new_tokens:  largest number of decoded tokens between two prefill chunks.
+    recall_slots:    slots reserved for archived frames recalled at question time (memory/recall.py): filled
+                     before a question, released after its answer, never eviction candidates; 0 = no recall.
     """
 
     policy: str = "saddle"
@@ -40,6 +42,7 @@ class CacheConfig:
     positions: str = "reindex"
     max_chunk: int = 256
     max_new_tokens: int = 64
+    recall_slots: int = 0
 
     def __post_init__(self):
         def bad(msg):
@@ -54,7 +57,7 @@ class CacheConfig:
         for name in ("budget", "max_chunk"):
             if int(getattr(self, name)) < 1:
                 bad(f"{name} must be >= 1")
-        for name in ("recent", "window", "sinks", "max_new_tokens"):
+        for name in ("recent", "window", "sinks", "max_new_tokens", "recall_slots"):
             if int(getattr(self, name)) < 0:
                 bad(f"{name} must be >= 0")
         if self.bias_strength < 0:
@@ -68,5 +71,5 @@ class CacheConfig:
 
     @property
     def capacity(self) -> int:
-        """Slots per layer: what survives an eviction + one chunk + one answer."""
-        return self.budget + self.max_chunk + self.max_new_tokens
+        """Slots per layer: what survives an eviction + one chunk + one answer (+ the recalled frames)."""
+        return self.budget + self.max_chunk + self.max_new_tokens + self.recall_slots

@@ -28,6 +28,9 @@ from infmllm_ros.engine import frames, loading, memory, memory_view, snapshot
 from infmllm_ros.engine.adapters import Chunk, adapter_for
 from infmllm_ros.engine.errors import CacheFullError, InvalidFrameError, InvalidInstructionError
 from infmllm_ros.engine.sampling import choose, mask_logits, penalize_repeats
+from infmllm_ros.memory.recall import FrameRecall
+
+RECALL_MARKER_MARGIN = 8  # tokens per recall slot group beyond a stamp-0 frame chunk (see __init__)
 
 log = logging.getLogger(__name__)
 
@@ -64,8 +67,8 @@ class StreamingSession:
     def __init__(self, model, processor, cache: CacheConfig | None = None, *, device=None, dtype=None,
                  system_prompt: str | None = None, seed: int = 0, suppress_tokens=(), frame_max_side: int | None = None,
                  frame_min_side: int | None = None, frame_tokens: int | None = None, check_memory: bool = True,
-                 memory_headroom: float = 0.1,
-                 trace: bool = False):
+                 memory_headroom: float = 0.1, recall_frames: int = 0, archive_mb: float = 256.0,
+                 archive_dir: str | None = None, recall_placement: str = "past", trace: bool = False):
         self.cfg = cache if cache is not None else CacheConfig()
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         if dtype is not None or device is not None:
@@ -82,7 +85,11 @@ class StreamingSession:
         self.tokenizer = processor.tokenizer
         # an answer's closing text may have to wait in the cache beside the answer (see the module docstring)
         self.answer_tail = len(self.adapter.encode(self.adapter.close_text()))
-        self.cache_cfg = replace(self.cfg, max_new_tokens=self.cfg.max_new_tokens + self.answer_tail)
+        # long-term memory (memory/recall.py): slots for recall_frames archived frames, reserved in the capacity;
+        # the time marker's digits grow with the stamp, hence the margin over the stamp-0 chunk length
+        recall_slots = int(recall_frames) * (self.max_frame_tokens + RECALL_MARKER_MARGIN) if recall_frames else 0
+        self.cache_cfg = replace(self.cfg, max_new_tokens=self.cfg.max_new_tokens + self.answer_tail,
+                                 recall_slots=self.cfg.recall_slots + recall_slots)
         # on CPU the cache also keeps the keys as attention reads them (BoundedCache read_copy): counted here too
         self.kv_bytes = int(BoundedCache.kv_bytes_for(self.cache_cfg, model.config, self.dtype,
                                                       read_copy=self.device.type != "cuda"))
@@ -90,6 +97,8 @@ class StreamingSession:
             memory.check_fits(self.kv_bytes, self.device, "KV cache buffers", memory_headroom)
         attention.install(model)
         self.cache = BoundedCache(self.cache_cfg, model.config, self.device, self.dtype)
+        self.recall = (FrameRecall(self.cache, int(recall_frames), recall_slots, archive_mb, archive_dir,
+                                   recall_placement) if recall_frames else None)
         lo, hi = self.adapter.frame_bounds()
         self.frame_min_side, self.frame_max_side = frame_min_side or lo, frame_max_side or hi
         self.system_prompt, self.seed, self.trace = system_prompt, seed, trace
@@ -144,7 +153,8 @@ class StreamingSession:
                 f"(CacheConfig.max_chunk / frame_tokens / frame_max_side in Python)")
         if len(self._pending) + chunk.length > self.cfg.max_chunk:
             self._feed_pending_ahead(chunk.length)
-        self._prefill(self._with_pending(chunk))
+        archive = (lambda: self.recall.archive_frame(self.cache, chunk.length, float(stamp))) if self.recall else None
+        self._prefill(self._with_pending(chunk), before_evict=archive)
         self.chunk_map.mark("frame", int(self.cache.get_seq_length()), chunk.length, stamp=float(stamp))  # memory view
         c = self.counters
         c.first_stamp = origin
@@ -188,8 +198,16 @@ class StreamingSession:
         if seed is not None:
             self.generator.manual_seed(seed)
         ids = torch.tensor([head + user + tail], dtype=torch.long)
-        with memory_view.probing(self.cache, ids.shape[1]) as probe:  # memory view: the question's attention mass
-            logits = self._prefill(self._with_pending(Chunk(ids=ids, mm_token_type_ids=torch.zeros_like(ids))))
+        chunk = self._with_pending(Chunk(ids=ids, mm_token_type_ids=torch.zeros_like(ids)))
+        # long-term memory: archived frames into the reserved slots; the question's eviction waits for the release
+        recalled = self.recall.before_question(self, chunk, ids.shape[1]) if self.recall else 0
+        try:
+            with memory_view.probing(self.cache, ids.shape[1]) as probe:  # memory view: the question's attention mass
+                logits = self._prefill(chunk, evict=not recalled)
+        except BaseException:
+            if recalled and not self._broken:  # refused before its forward (cache full): the slots go back
+                self._release_recall()
+            raise
         question = self.chunk_map.mark("instruction", int(self.cache.get_seq_length()), ids.shape[1], text=text)
         self.counters.questions += 1
         self.counters.last_question_tokens = ids.shape[1]
@@ -231,6 +249,8 @@ class StreamingSession:
                 logits = self._decode_one(tok)  # fed tokens stay in the cache; no eviction per token
                 n_fed += 1
         finally:
+            if recalled:
+                self._release_recall()
             # Unfed tokens (normally just the last one) + the turn's closing text go in front of the next chunk,
             # also when a callback raised, so the conversation in the cache stays well formed.
             close = self.adapter.encode(self.adapter.close_text())
@@ -246,8 +266,11 @@ class StreamingSession:
                       evidence=probe.evidence(self.chunk_map, question))
 
     def reset(self) -> None:
-        """Forget everything: empty cache, positions from 0, model position state cleared, generator reseeded."""
+        """Forget everything: empty cache, positions from 0, model position state cleared, generator reseeded.
+        With recall, the archive is emptied too (its folder cleared)."""
         self.cache.reset()
+        if self.recall is not None:
+            self.recall.reset()
         self.adapter.reset()
         self.generator.manual_seed(self.seed)
         self._pending = list(self._prefix_ids)
@@ -278,7 +301,13 @@ class StreamingSession:
                     last_stamp=c.last_stamp, last_frame_tokens=c.last_frame_tokens,
                     last_frame_latency_s=c.last_frame_latency_s, last_question_tokens=c.last_question_tokens,
                     last_answer_latency_s=c.last_answer_latency_s, last_first_token_s=c.last_first_token_s,
-                    truncations=c.truncations, tokens_per_frame=self.tokens_per_frame, cache=cs)
+                    truncations=c.truncations, tokens_per_frame=self.tokens_per_frame, cache=cs,
+                    recall=self.recall.stats() if self.recall is not None else None)
+
+    @property
+    def archive(self):
+        """The FrameArchive of past frames' K/V (memory.recall_frames > 0), else None."""
+        return self.recall.archive if self.recall is not None else None
 
     @property
     def fed_ids(self) -> list[int]:
@@ -333,7 +362,8 @@ class StreamingSession:
         else:
             self._prefill(chunk, evict=False)
 
-    def _prefill(self, chunk: Chunk, evict: bool = True) -> torch.Tensor:
+    def _prefill(self, chunk: Chunk, evict: bool = True, before_evict: Callable[[], object] | None = None
+                 ) -> torch.Tensor:
         if chunk.length > self._free_slots():
             raise CacheFullError(
                 f"the cache holds {int(self.cache.stored)} of {self.cache_cfg.capacity} slots and the next chunk needs "
@@ -345,6 +375,8 @@ class StreamingSession:
                   if isinstance(v, torch.Tensor) else v for k, v in chunk.model_kwargs.items()}
         logits = self._forward(ids, pos.to(self.device), prefill=True, **kwargs)
         try:
+            if before_evict is not None:
+                before_evict()
             if evict:
                 self.cache.end_chunk()
         except BaseException as e:
@@ -353,6 +385,13 @@ class StreamingSession:
         if self.trace:
             self.counters.fed_ids.extend(ids[0].tolist())
         return logits
+
+    def _release_recall(self) -> None:
+        try:
+            self.recall.release(self.cache)
+        except BaseException as e:
+            self._broken = f"recall release: {type(e).__name__}: {e}"
+            raise
 
     def _decode_one(self, tok: int) -> torch.Tensor:
         ids = torch.tensor([[tok]], dtype=torch.long, device=self.device)

@@ -2,5 +2,6 @@
 
 from infmllm_ros.memory.archive import FrameArchive
 from infmllm_ros.memory.quant import dequantize, quantize
+from infmllm_ros.memory.recall import FrameRecall
 
-__all__ = ["FrameArchive", "quantize", "dequantize"]
+__all__ = ["FrameArchive", "FrameRecall", "quantize", "dequantize"]

@@ -149,6 +149,14 @@ TABLE: tuple[Param, ...] = (
           "config or dtype, or a damaged file: logged, diagnostics WARN, fresh start)"),
     Param("memory.save_timeout", 30.0, "seconds ~/save waits for the worker to write the snapshot", when="live",
           lo=0.01, hi=3600.0),
+    Param("memory.recall_frames", 0, "archived frames recalled per question (long-term memory); 0 = off, no archive",
+          lo=0, hi=256),
+    Param("memory.recall_placement", "past", "where recalled frames sit: past (positions before the held tokens) or "
+          "question (right before the question)", choices=("past", "question")),
+    Param("memory.archive_mb", 256.0, "bound of the on-disk frame archive in MiB (evenly thinned when full)",
+          lo=0.01, hi=float(1 << 24)),
+    Param("memory.archive_dir", "", "folder of the frame archive (cleared at configure and reset); empty = "
+          "$ROS_HOME/infmllm_ros/archive (~/.ros/...)"),
 )
 BY_NAME = {p.name: p for p in TABLE}
 PARAMS: dict[str, object] = {p.name: p.default for p in TABLE}

@@ -93,7 +93,8 @@ def make_session(params: dict) -> Any:
         dtype = torch_dtype(dtype_name, device, m.config)
         m = m.to(device=device, dtype=dtype)
         cfg, _, _ = sized_cache(dict(params, **{"frame.tokens": 0, "frame.max_side": 0}), m, proc, device, dtype)
-        return StreamingSession(m, proc, cache=cfg, device=device, dtype=dtype, system_prompt=system_prompt)
+        return StreamingSession(m, proc, cache=cfg, device=device, dtype=dtype, system_prompt=system_prompt,
+                                **recall_kwargs(params))
     if not model:
         model = embedded_model()
         if not model:
@@ -107,7 +108,22 @@ def make_session(params: dict) -> Any:
     m, proc = loading.load(model, device=device, dtype=dtype)
     cfg, frame_tokens, max_side = sized_cache(params, m, proc, device, dtype)
     return StreamingSession(m, proc, cache=cfg, device=device, dtype=dtype, system_prompt=system_prompt,
-                            frame_tokens=frame_tokens, frame_max_side=max_side)
+                            frame_tokens=frame_tokens, frame_max_side=max_side, **recall_kwargs(params))
+
+
+def recall_kwargs(params: dict) -> dict:
+    """``memory.recall_frames`` / ``memory.archive_mb`` / ``memory.archive_dir`` -> StreamingSession kwargs (long-term
+    memory, memory/recall.py). An empty archive_dir is $ROS_HOME/infmllm_ros/archive (ROS_HOME defaults to ~/.ros)."""
+    import os
+
+    frames = int(params.get("memory.recall_frames", 0))
+    if not frames:
+        return {}
+    folder = str(params.get("memory.archive_dir", "")).strip() or os.path.join(
+        os.environ.get("ROS_HOME") or os.path.join(os.path.expanduser("~"), ".ros"), "infmllm_ros", "archive")
+    return dict(recall_frames=frames, archive_mb=float(params.get("memory.archive_mb", 256.0)),
+                archive_dir=os.path.expanduser(folder),
+                recall_placement=str(params.get("memory.recall_placement", "past")))
 
 
 def embedded_model() -> str:

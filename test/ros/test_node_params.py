@@ -17,7 +17,8 @@ pytestmark = pytest.mark.ros
 DOMAIN = domain(1)
 NS = "/infmllm_node"
 ZERO_MEANS_SOMETHING = {"max_frame_age", "cache.budget", "cache.window", "cache.max_chunk", "cache.recent",
-                        "cache.sinks", "cache.bias_strength", "frame.max_side", "generation.temperature"}
+                        "cache.sinks", "cache.bias_strength", "frame.max_side", "generation.temperature",
+                        "memory.recall_frames"}  # 0 = no archive, no recall
 # the values of issue 15 items 2-4, each of which once crashed the process, killed the worker or left a node that
 # was active but could not answer
 ISSUE_CASES = [("reset_timeout", math.inf), ("reset_timeout", 1e10), ("frame_rate", 1e-12), ("watchdog_rate", math.inf),

@@ -1,0 +1,275 @@
+"""Recall: archive every frame's K/V at prefill, bring the best-matching archived frames back for a question.
+
+Why archive at prefill, not at eviction: right after a frame chunk's forward, before `end_chunk` evicts, the frame's
+K/V sit complete in the newest slots of every layer and KV head, rotated at their original positions (offset 0):
+one contiguous copy per frame. At eviction time, heads keep different tokens, so a frame leaves the cache piece by
+piece over many chunks, with keys that may already have been re-indexed; archiving there would need per-head
+bookkeeping and could not store a frame whole.
+
+Question time (`FrameRecall.before_question`, from `StreamingSession.ask`):
+1. Probe: the question chunk runs one forward whose per-layer queries are captured (the attention probe hook), then
+   the cache is rolled back (stored / seen / scored / next_position / chunk count / scores restored; the slots the
+   probe wrote beyond `stored` are overwritten later). Cost: one question prefill over the held cache; no cheaper
+   source of the question's queries exists before the question is in the cache.
+2. Rank: `FrameArchive.score` (max over the question's queries of q . representative key, mean over layers and
+   heads). Frames whose tokens the cache still holds (at least HELD_FRACTION of their (layer, head, token) slots,
+   from the stream indices) are skipped; the best `recall_frames` others that fit the reserved slots are taken.
+3. Insert, oldest first, into the slots right after the held tokens. Keys stay as archived (rotated at their
+   original position p0); the slot's offset = new - p0 (rotate-on-read; one shift for every M-RoPE row, so the
+   frame's t/h/w layout is kept). Positions (`placement`): "past" (default): just before the oldest held token, so
+   the recalled frames read as older than everything in view; "question": just after the held tokens, right before
+   the question (the issue's first design). Why "past" is the default: with "question", the tiny robot VLM took the
+   recalled frame for the current view: current questions fell from 94 % to 62 % (1 frame) and 30 % (2 frames) on
+   held-out seeds 16-23, while "past" left them at 95 % (docs/BENCHMARKS.md has both on seeds 0-7). Stream indices:
+   the recalled tokens take the next `n` stream indices (seen grows by n, so the causal mask's offsets stay valid)
+   and the chunk map gets a frame span with the archived stamp, so the memory view / evidence see them as frames.
+4. The question is prefilled WITHOUT eviction, the answer decoded over held + recalled + question.
+5. `release`: the recalled slots are compacted out (everything after them moves down) and the deferred eviction
+   runs (`end_chunk`, with the question's window scores, the answer's tokens counted as scored 0): the recalled
+   slots are never eviction candidates, and the held tokens are evicted back to the budget as usual.
+
+Bounds: GPU slots: the cache's capacity includes `recall_slots` = recall_frames x (max frame chunk tokens + 8), so
+stored <= budget + recall_slots + question chunk + answer <= capacity. Positions: "question" placement moves
+next_position by at most the recalled frames' position spans (<= recall_slots) during an answer, and the deferred
+eviction's re-index (positions "reindex") squeezes that gap out again, so the bound between questions is the one
+without recall; "past" placement uses positions below the held ones (down to -recall_slots, which RoPE handles
+like any other offset) and leaves next_position alone. With positions "absolute" (the test oracle) a "question"
+recall's spans stay consumed, like every other token.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+
+import torch
+
+from infmllm_ros.memory.archive import FrameArchive
+
+PLACEMENTS = ("question", "past")
+REP_TOKENS = 4  # representative keys per frame, layer and KV head in the index (archive.py: why)
+HELD_FRACTION = 0.5  # a frame the cache still holds at least half of is not recalled (it is in view already)
+DEFAULT_ARCHIVE_MB = 256.0
+# the cache's stacked per-slot tensors, [layers, H, cap, ...]: what a slot move must carry
+SLOT_TENSORS = ("keys", "values", "pos", "offset", "index", "chunk", "window", "accumulated")
+
+
+def default_archive_dir() -> str:
+    """A fresh folder under the temp dir: two sessions never share (and clear) one archive."""
+    return tempfile.mkdtemp(prefix="infmllm_archive_")
+
+
+class FrameRecall:
+    """The session's long-term memory: a FrameArchive filled at prefill, recalled into reserved cache slots."""
+
+    def __init__(self, cache, recall_frames: int, recall_slots: int, archive_mb: float = DEFAULT_ARCHIVE_MB,
+                 archive_dir: str | None = None, placement: str = "past"):
+        if recall_frames < 1:
+            raise ValueError(f"recall_frames must be >= 1 to recall, got {recall_frames}")
+        if not archive_mb > 0:
+            raise ValueError(f"memory.archive_mb must be > 0, got {archive_mb}")
+        if placement not in PLACEMENTS:
+            raise ValueError(f"recall placement must be one of {PLACEMENTS}, got {placement!r}")
+        self.placement = placement
+        self.recall_frames, self.recall_slots = int(recall_frames), int(recall_slots)
+        self.max_bytes = int(archive_mb * 2**20)
+        self.dir = os.path.expanduser(archive_dir) if archive_dir else default_archive_dir()
+        n_layers, heads, _cap, head_dim = cache.keys.shape
+        self.shape = dict(layers=n_layers, heads=heads, head_dim=head_dim, rows=cache.rows, rep_tokens=REP_TOKENS,
+                          inv_freq=cache.inv_freq)
+        self.archive: FrameArchive | None = None
+        self.reset()
+
+    def reset(self) -> None:
+        """A new stream: a fresh archive (its folder cleared), nothing recalled."""
+        self.archive = FrameArchive(self.dir, self.max_bytes, **self.shape)
+        self.ranges: dict[int, tuple[int, int]] = {}  # frame_id -> stream index range [start, end)
+        self.active: tuple[int, int] | None = None  # (first recalled slot, count) while a question holds them
+        self.last = dict(frames=0, tokens=0, bytes_read=0, seconds=0.0, stamps=[])
+        self.recalls = 0
+
+    # ---- prefill -------------------------------------------------------------------------------------------------
+    def archive_frame(self, cache, n: int, stamp: float) -> bool:
+        """After a frame chunk's forward, before its eviction: its n tokens are the newest n slots of every head."""
+        stored, seen = cache.stored, cache.seen
+        s = stored - n
+        frame_id = seen - n  # the frame's first stream index: unique and increasing
+        keys = cache.keys[:, :, s:stored]
+        values = cache.values[:, :, s:stored]
+        positions = cache.pos[0, 0, s:stored]  # [n, rows]: every head got the chunk's positions
+        ok = self.archive.add(frame_id, float(stamp), keys, values, positions)
+        if ok:
+            self.ranges[frame_id] = (frame_id, seen)
+        for gone in [f for f in self.ranges if f not in self.archive.frames]:
+            del self.ranges[gone]  # thinned out (or damaged)
+        return ok
+
+    # ---- question ------------------------------------------------------------------------------------------------
+    def held_fraction(self, cache, frame_ids: list[int]) -> torch.Tensor:
+        """Share of each frame's (layer, head, token) slots the cache still holds, from the stored stream indices."""
+        if not frame_ids:
+            return torch.zeros(0)
+        starts = torch.tensor([self.ranges[f][0] for f in frame_ids])
+        ends = torch.tensor([self.ranges[f][1] for f in frame_ids])
+        order = torch.argsort(starts)
+        starts_sorted, ends_sorted = starts[order], ends[order]
+        idx = cache.kept_indices().flatten().cpu()
+        j = torch.bucketize(idx, starts_sorted, right=True) - 1
+        inside = (j >= 0) & (idx < ends_sorted[j.clamp(min=0)])
+        counts = torch.bincount(j[inside], minlength=len(frame_ids)).float()
+        n_layers, heads = self.shape["layers"], self.shape["heads"]
+        frac_sorted = counts / ((ends_sorted - starts_sorted).float() * n_layers * heads)
+        frac = torch.empty_like(frac_sorted)
+        frac[order] = frac_sorted
+        return frac
+
+    def choose(self, cache, queries: torch.Tensor, query_positions: torch.Tensor) -> list[int]:
+        """Frame ids to recall: best score first among the frames not held, as many as fit recall_frames / slots."""
+        ids, scores = self.archive.score(queries, query_positions=query_positions)
+        if not ids:
+            return []
+        held = self.held_fraction(cache, ids)
+        picked, slots = [], 0
+        for i in torch.argsort(scores, descending=True, stable=True).tolist():
+            if len(picked) == self.recall_frames:
+                break
+            n = self.archive.frames[ids[i]].n
+            if held[i] >= HELD_FRACTION or slots + n > self.recall_slots:
+                continue
+            picked.append(ids[i])
+            slots += n
+        return picked
+
+    def before_question(self, session, chunk, question_tokens: int) -> int:
+        """Probe the question, pick frames, insert them. Returns the number of recalled tokens (0: none)."""
+        t0 = time.perf_counter()
+        cache = session.cache
+        self.last = dict(frames=0, tokens=0, bytes_read=0, seconds=0.0, stamps=[])
+        if not self.archive.frames:
+            return 0
+        queries, positions = probe_queries(session, chunk, question_tokens)
+        picked = sorted(self.choose(cache, queries, positions))  # oldest first: their order in time is kept
+        got = []
+        for f in picked:
+            kv = self.archive.get(f, dtype=cache.keys.dtype)
+            if kv is not None:  # a damaged page is skipped (counted in the archive)
+                got.append((f, *kv))
+        seen0 = cache.seen
+        tokens = insert_frames(cache, [(k, v, p) for _, k, v, p in got], before_held=self.placement == "past")
+        end = seen0
+        for f, k, _v, _p in got:  # memory view: the recalled tokens are frames, with their archived stamps
+            end += k.shape[2]
+            session.chunk_map.mark("frame", end, k.shape[2], stamp=self.archive.frames[f].stamp)
+        if tokens:
+            self.active = (cache.stored - tokens, tokens)
+            self.recalls += 1
+        self.last = dict(frames=len(got), tokens=tokens, stamps=[self.archive.frames[f].stamp for f, *_ in got],
+                         bytes_read=sum(self.archive.frames[f].nbytes for f, *_ in got),
+                         seconds=time.perf_counter() - t0)
+        return tokens
+
+    def release(self, cache) -> None:
+        """After the answer: compact the recalled slots out, then the question's deferred eviction."""
+        if self.active is None:
+            return
+        first, count = self.active
+        self.active = None
+        remove_slots(cache, first, count)
+        for layer in cache.layers:
+            layer.scored = layer.stored  # the answer's tokens: window score 0 (as after any answer)
+        cache.end_chunk()
+
+    def stats(self) -> dict:
+        return dict(archive=self.archive.stats(), recalls=self.recalls, last_recall=dict(self.last))
+
+
+# ---- cache operations (on the cache's stacked tensors; the cache itself is not changed) ---------------------------
+def probe_queries(session, chunk, question_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The question's queries [layers, q_heads, question_tokens, D] (rotated at their positions) and those positions
+    [question_tokens] (text: every M-RoPE row equal), from one forward of the question chunk that is then rolled
+    back: the cache is left as it was (slots past `stored` are free)."""
+    cache = session.cache
+    n = cache.stored
+    saved = dict(stored=[la.stored for la in cache.layers], seen=[la.seen for la in cache.layers],
+                 scored=[la.scored for la in cache.layers], next_position=cache.next_position, chunks=cache.chunks,
+                 decoded=cache.decoded, prefill=cache.prefill, turned=cache.turned,
+                 window=cache.window[..., :n].clone(), accumulated=cache.accumulated[..., :n].clone())
+    captured: dict[int, torch.Tensor] = {}
+
+    def capture(layer_idx, query, key, scale):
+        captured[layer_idx] = query[0, :, -question_tokens:].detach().float().cpu()
+
+    ids = chunk.ids.to(session.device)
+    pos = session.adapter.positions(chunk, cache.next_position)
+    kwargs = {k: v.to(session.device) for k, v in chunk.model_kwargs.items() if isinstance(v, torch.Tensor)}
+    previous, cache.attention_probe = getattr(cache, "attention_probe", None), capture
+    try:
+        session._forward(ids, pos.to(session.device), prefill=True, **kwargs)
+    finally:
+        cache.attention_probe = previous
+        for la, st, se, sc in zip(cache.layers, saved["stored"], saved["seen"], saved["scored"], strict=True):
+            la.stored, la.seen, la.scored = st, se, sc
+        for name in ("next_position", "chunks", "decoded", "prefill", "turned"):
+            setattr(cache, name, saved[name])
+        cache.window[..., :n] = saved["window"]
+        cache.accumulated[..., :n] = saved["accumulated"]
+        cache._pending = None
+    positions = pos.reshape(-1, pos.shape[-1])[0, -question_tokens:].cpu()
+    return torch.stack([captured[i] for i in range(len(cache.layers))]), positions
+
+
+def insert_frames(cache, frames, before_held: bool = False) -> int:
+    """Append archived frames (keys/values [layers, H, n, D] rotated at their original positions, positions [n, rows])
+    after the stored slots, one after the other at the positions after next_position (before_held: at the positions
+    just before the oldest held token, so they read as older than everything held). Returns the tokens added."""
+    s, start = cache.stored, cache.next_position
+    spans = sum(int(p.max()) - int(p.min()) + 1 for _, _, p in frames)
+    if before_held:
+        start = (int(cache.pos[:, :, :s].min()) if s else 0) - spans
+    total = 0
+    for keys, values, positions in frames:
+        n = keys.shape[2]
+        lo, hi = int(positions.min()), int(positions.max())
+        delta = start - lo  # the same shift for every token and every M-RoPE row: the frame's layout is kept
+        sl = slice(s + total, s + total + n)
+        cache.keys[:, :, sl] = keys.to(cache.keys.device, cache.keys.dtype)
+        cache.values[:, :, sl] = values.to(cache.values.device, cache.values.dtype)
+        cache.pos[:, :, sl] = (positions + delta).to(cache.pos.device)  # [n, rows] broadcast over layers, heads
+        cache.offset[:, :, sl] = delta  # scalar: fits [layers, H, cap] and [layers, H, cap, rows] alike
+        seen = cache.seen + total
+        cache.index[:, :, sl] = torch.arange(seen, seen + n, device=cache.index.device)
+        cache.chunk[:, :, sl] = cache.chunks
+        cache.window[:, :, sl] = 0
+        cache.accumulated[:, :, sl] = 0
+        start += hi - lo + 1
+        total += n
+    if total:
+        for layer in cache.layers:
+            layer.stored += total
+            layer.seen += total
+            layer.scored = layer.stored
+        if not before_held:
+            cache.next_position = start
+        cache.turned = True  # the recalled keys sit at positions other than the ones they were rotated at
+        _keys_changed(cache)
+    return total
+
+
+def remove_slots(cache, first: int, count: int) -> None:
+    """Drop slots [first, first + count) of every layer and head; the slots after them move down, in order."""
+    n = cache.stored
+    for name in SLOT_TENSORS:
+        t = getattr(cache, name)
+        t[:, :, first:n - count] = t[:, :, first + count:n].clone()
+    for layer in cache.layers:
+        layer.stored -= count
+        layer.scored = min(layer.scored, layer.stored)
+    _keys_changed(cache)
+
+
+def _keys_changed(cache) -> None:
+    """Keys / offsets were written outside update and end_chunk: the cache's read copy of the keys (kept on CPU,
+    BoundedCache.read_copy) is rebuilt from them at each layer's next read."""
+    if hasattr(cache, "invalidate_read_keys"):
+        cache.invalidate_read_keys()

@@ -1,0 +1,52 @@
+"""infmllm-bench recall-archive: the harness on a tiny random-weight VLM (accuracy is meaningless there): every arm
+runs, the equal-GPU-bytes arms really have equal K/V bytes, the archive arms read pages, and the report renders it."""
+
+import json
+
+import pytest
+import torch
+
+from infmllm_ros import world
+from infmllm_ros.bench import recall_archive, report
+
+SEEDS, FRAMES, BUDGET = (0,), 12, 48
+ARGS = ["--seeds", *map(str, SEEDS), "--frames", str(FRAMES), "--budget", str(BUDGET), "--max-new-tokens", "3",
+        "--threads", "1", "--archive-mb", "1"]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    from infmllm_ros.engine.tiny import tiny_model
+
+    torch.set_num_threads(1)
+    model, proc = tiny_model("llava_llama")
+    out = tmp_path_factory.mktemp("recall_archive")
+    assert recall_archive.main([*ARGS, "--out", str(out)], model=model, processor=proc) == 0
+    return json.loads((out / "recall_archive.json").read_text()), out
+
+
+def test_every_arm_runs_on_the_same_questions(tiny_run):
+    res, _ = tiny_run
+    (run,) = res["runs"]
+    n = sum(len(world.make_episode(s, FRAMES, FRAMES // 3).events) for s in SEEDS)
+    assert run["n_questions"] == n > 0
+    arms = run["policies"]
+    assert {"full", "streaming_llm", "streaming_llm@gpu", "simplestream", "saddle[linear,2]",
+            "saddle[linear,2]@gpu", "saddle[linear,2]+archive", "saddle[linear,2]+archive[question]"} == set(arms)
+    for e in arms.values():
+        assert "skipped" not in e and e["overall"]["n"] == n
+    same = {arms[a]["kv_bytes"] for a in ("streaming_llm@gpu", "simplestream", "saddle[linear,2]@gpu",
+                                          "saddle[linear,2]+archive")}
+    assert len(same) == 1 and arms["saddle[linear,2]"]["kv_bytes"] < same.pop()  # recall slots cost GPU bytes
+    arch = arms["saddle[linear,2]+archive"]
+    assert 0 < arch["archive_bytes"] <= 2**20 and arch["bytes_read_mean"] > 0 and arch["recalled_frames_mean"] > 0
+    assert arms["saddle[linear,2]"]["bytes_read_mean"] == 0
+
+
+def test_report_renders_it(tiny_run):
+    res, out = tiny_run
+    page = out / "BENCHMARKS.md"
+    assert report.main(["--results", str(out), "--output", str(page)]) == 0
+    text = page.read_text()
+    assert "Long-term memory: frame archive + recall" in text and "saddle[linear,2]+archive" in text
+    assert (out / "recall_archive.png").is_file()
