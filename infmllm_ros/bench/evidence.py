@@ -184,7 +184,7 @@ def plot(res: dict, path: Path) -> None:
     names = list(res["budgets"])
     xs = range(len(names))
     for off, key, label in ((-0.4, "hit_rate", "top frame shows object"), (-0.2, "hit_rate_per_token", "per token"),
-                            (0.0, "chance", "chance"), (0.2, "top_is_newest", "top = newest frame"),
+                            (0.0, "chance", "chance"), (0.2, "top_is_newest", "past questions: top = newest"),
                             (0.4, "current_top_is_newest", "current questions: top = newest")):
         ax.bar([x + off for x in xs], [100 * (res["budgets"][b].get(key) or 0) for b in names], 0.2, label=label)
     ax.set_xticks(list(xs), [f"budget {b}" for b in names])
