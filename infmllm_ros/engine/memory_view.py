@@ -189,7 +189,8 @@ class EvidenceProbe:
                 self.gate_parts.append((weight, one.float().cpu(), index[kv].cpu().clone()))
 
     def view_score(self, cmap: ChunkMap, kept: list[int]) -> float | None:
-        """The view gate's score (> 0: a question about the current view), None without a gate for this model."""
+        """The view gate's score (> 0: a question about the current view); None without a gate for this model or
+        with fewer than 2 frames held (no "newest vs older" to tell)."""
         if self.gate is None or len(kept) < 2:
             return None
         z = self.gate.bias
