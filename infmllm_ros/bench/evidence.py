@@ -6,6 +6,11 @@ answer comes from (`Event.seen_frame`) is among them. Hit = the top frame of `An
 object (the shape / colour+shape named in the question, visible by `ObjectView.visible`). Chance = the same rate for
 a frame drawn uniformly from the held frames (the fraction of held frames that show the object), averaged over the
 same questions. Also reported: top frame == the answer frame exactly, and its chance (1 / held frames).
+
+"Current" questions (about the view now: in front, colour now, where now, count) stream through the same session
+from their own episodes (same seeds, `world.make_episode(kinds=("current",))`): there the answer frame is the newest
+one, so their measure is how often the top evidence frame is the newest frame (chance 1 / held frames). Both kinds
+also report how often the evidence's view gate (`evidence.view`) names the question's kind.
 """
 
 from __future__ import annotations
@@ -43,6 +48,7 @@ def shows(frame: world.Frame, pred) -> bool:
 
 
 def run_episode(session, ep: world.Episode, max_new_tokens: int) -> list[dict]:
+    """Stream the episode, ask its questions; one row per question (past or current)."""
     by_frame = {}
     for e in ep.events:
         by_frame.setdefault(e.frame, []).append(e)
@@ -59,20 +65,26 @@ def run_episode(session, ep: world.Episode, max_new_tokens: int) -> list[dict]:
             top = index_of[ev["frames"][0]["stamp"]] if ev["frames"] else None
             dense = ev.get("frames_per_token") or []
             top_dense = index_of[dense[0]["stamp"]] if dense else None
-            pred = asked_object(e.question)
-            rows.append({"seed": ep.seed, "frame": e.frame, "template": e.template, "question": e.question,
-                         "seen_frame": e.seen_frame, "held": held, "answer_frame_held": e.seen_frame in held,
-                         "top": top, "hit": top is not None and shows(ep.frames[top], pred),
+            pred = asked_object(e.question) if e.kind == "past" else None
+            rows.append({"seed": ep.seed, "kind": e.kind, "frame": e.frame, "template": e.template,
+                         "question": e.question, "seen_frame": e.seen_frame, "held": held,
+                         "answer_frame_held": e.seen_frame in held, "top": top,
+                         "hit": top is not None and pred is not None and shows(ep.frames[top], pred),
                          "exact": top == e.seen_frame, "top_per_token": top_dense,
-                         "hit_per_token": top_dense is not None and shows(ep.frames[top_dense], pred),
-                         "top_is_newest": top == f.index,
-                         "chance": sum(shows(ep.frames[i], pred) for i in held) / len(held) if held else 0.0,
+                         "hit_per_token": top_dense is not None and pred is not None
+                         and shows(ep.frames[top_dense], pred),
+                         "top_is_newest": top == f.index, "view": ev.get("view"), "view_score": ev.get("view_score"),
+                         "view_right": ev.get("view") == e.kind,
+                         "chance": sum(shows(ep.frames[i], pred) for i in held) / len(held) if held and pred
+                         else 0.0,
                          "frame_share": ev.get("frame_share"), "correct": world.normalize_answer(a.text)
                          == world.normalize_answer(e.answer)})
     return rows
 
 
 def summary(rows: list[dict]) -> dict:
+    cur = [r for r in rows if r.get("kind") == "current" and r["held"]]
+    rows = [r for r in rows if r.get("kind", "past") == "past"]
     held = [r for r in rows if r["answer_frame_held"]]
     n = len(held)
 
@@ -83,15 +95,24 @@ def summary(rows: list[dict]) -> dict:
             "hit_rate_per_token": mean("hit_per_token"), "top_is_newest": mean("top_is_newest"),
             "exact_rate": mean("exact"), "exact_chance": round(sum(1 / len(r["held"]) for r in held) / n, 4)
             if n else None, "held_frames_mean": round(sum(len(r["held"]) for r in held) / n, 2) if n else None,
-            "frame_share_mean": mean("frame_share"), "answer_accuracy": mean("correct")}
+            "frame_share_mean": mean("frame_share"), "answer_accuracy": mean("correct"),
+            "past_view_right": mean("view_right"), "current_n": len(cur),
+            "current_top_is_newest": _rate(cur, "top_is_newest"),
+            "current_chance": round(sum(1 / len(r["held"]) for r in cur) / len(cur), 4) if cur else None,
+            "current_view_right": _rate(cur, "view_right"), "current_answer_accuracy": _rate(cur, "correct")}
+
+
+def _rate(rows: list[dict], key: str):
+    return round(sum(float(r[key]) for r in rows) / len(rows), 4) if rows else None
 
 
 def run(model, processor, seeds, n_frames: int, n_questions: int, budgets, spec_item: str, max_new_tokens: int,
-        max_chunk: int = 256, log=print) -> dict:
+        max_chunk: int = 256, log=print, n_current: int = 8) -> dict:
     from infmllm_ros.engine import StreamingSession
 
     spec = policies.saddle_spec(*policies.parse_saddle(spec_item))
     eps = [world.make_episode(int(s), n_frames, n_questions, kinds=("past",)) for s in seeds]
+    eps += [world.make_episode(int(s), n_frames, n_current, kinds=("current",)) for s in seeds] if n_current else []
     out = {}
     for budget in budgets:
         session = StreamingSession(model, processor, cache=spec.cache_config(budget, max_chunk, max_new_tokens))
@@ -102,9 +123,11 @@ def run(model, processor, seeds, n_frames: int, n_questions: int, budgets, spec_
         s = out[str(budget)]
         log(f"  budget {budget}: top evidence frame shows the asked object {s['hit_rate']} (chance {s['chance']}) "
             f"over {s['n']} questions with the answer frame held; exact frame {s['exact_rate']} "
-            f"(chance {s['exact_chance']}), {s['seconds']} s")
+            f"(chance {s['exact_chance']}); current questions: top = newest {s['current_top_is_newest']} "
+            f"(chance {s['current_chance']}), {s['seconds']} s")
     return {"kind": "evidence", "seeds": [int(s) for s in seeds], "frames": n_frames,
-            "questions_per_episode": n_questions, "policy": spec.name, "spec": spec.describe(),
+            "questions_per_episode": n_questions, "current_questions_per_episode": n_current, "policy": spec.name,
+            "spec": spec.describe(),
             "max_new_tokens": max_new_tokens, "budgets": out}
 
 
@@ -118,7 +141,8 @@ def markdown(res: dict) -> str:
              "`Answer.evidence` shows the asked object; chance = a frame drawn uniformly from the held frames. "
              "Exact = the top frame is the answer frame itself (chance 1 / held frames). Per token = the top frame "
              "of `evidence.frames_per_token` (mass divided by the frame's stored tokens). Newest = how often the top "
-             "frame by mass is the newest frame (past questions ask about things out of view there).\n"]
+             "frame is the newest frame (past questions ask about things out of view there). View right = the "
+             "evidence's view gate (`evidence.view`) names the question's kind.\n"]
     rows = [[b, s["questions"], s["n"], s["held_frames_mean"], _pct(s["hit_rate"]), _pct(s["hit_rate_per_token"]),
              _pct(s["chance"]), _pct(s["top_is_newest"]),
              _pct(s["exact_rate"]), _pct(s["exact_chance"]), _pct(s["frame_share_mean"]), _pct(s["answer_accuracy"]),
@@ -127,6 +151,16 @@ def markdown(res: dict) -> str:
                                   "top frame shows object", "per token", "chance", "top = newest",
                                   "top = answer frame", "chance",
                                   "mass on frames", "answers right", "s"], rows))
+    cur = [[b, s["current_n"], _pct(s["current_top_is_newest"]), _pct(s["current_chance"]),
+            _pct(s["current_view_right"]), _pct(s["past_view_right"]), _pct(s["current_answer_accuracy"])]
+           for b, s in res["budgets"].items() if s.get("current_n")]
+    if cur:
+        lines.append(f"\nCurrent-view questions (up to {res.get('current_questions_per_episode')} per episode, same "
+                     "seeds, own episodes): the answer frame is the newest one.\n")
+        lines.append(common.md_table(["budget", "current questions", "top = newest frame", "chance",
+                                      "view right (current)", "view right (past)", "answers right"], cur))
+    if res.get("note"):
+        lines.append(f"\n{res['note']}\n")
     return "\n".join(lines) + "\n"
 
 
@@ -138,7 +172,10 @@ def findings(name: str, res: dict) -> list[str]:
     return [f"`{name}`, budget {b}: the top evidence frame shows the asked object in {_pct(s['hit_rate'])} of "
             f"{s['n']} past questions with the answer frame held (per token {_pct(s['hit_rate_per_token'])}; chance "
             f"{_pct(s['chance'])}; top = newest frame {_pct(s['top_is_newest'])}): target (clear majority) "
-            f"{'met' if (s['hit_rate'] or 0) > 0.5 else 'not met'}." for b, s in res["budgets"].items() if s["n"]]
+            f"{'met' if (s['hit_rate'] or 0) > 0.5 else 'not met'}"
+            + (f"; current-view questions: top = newest frame {_pct(s['current_top_is_newest'])} of "
+               f"{s['current_n']} (chance {_pct(s['current_chance'])})" if s.get("current_n") else "") + "."
+            for b, s in res["budgets"].items() if s["n"]]
 
 
 def plot(res: dict, path: Path) -> None:
@@ -146,14 +183,26 @@ def plot(res: dict, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(5, 3.2))
     names = list(res["budgets"])
     xs = range(len(names))
-    for off, key, label in ((-0.3, "hit_rate", "top frame shows object"), (-0.1, "hit_rate_per_token", "per token"),
-                            (0.1, "chance", "chance"), (0.3, "top_is_newest", "top = newest frame")):
-        ax.bar([x + off for x in xs], [100 * (res["budgets"][b][key] or 0) for b in names], 0.2, label=label)
+    for off, key, label in ((-0.4, "hit_rate", "top frame shows object"), (-0.2, "hit_rate_per_token", "per token"),
+                            (0.0, "chance", "chance"), (0.2, "top_is_newest", "past questions: top = newest"),
+                            (0.4, "current_top_is_newest", "current questions: top = newest")):
+        ax.bar([x + off for x in xs], [100 * (res["budgets"][b].get(key) or 0) for b in names], 0.2, label=label)
     ax.set_xticks(list(xs), [f"budget {b}" for b in names])
     ax.set_ylabel("% of questions")
     ax.set_ylim(0, 100)
     ax.legend(fontsize=6)
     common.save_figure(fig, path)
+
+
+def _without_note(argv: list[str]) -> list[str]:
+    """The command line to show: the note is shown as prose, not repeated in the command."""
+    out, skip = [], False
+    for x in argv:
+        if skip or x == "--note" or x.startswith("--note="):
+            skip = x == "--note"
+            continue
+        out.append(x)
+    return out
 
 
 def parse(argv):
@@ -162,6 +211,8 @@ def parse(argv):
     p.add_argument("--seeds", type=int, nargs="+", default=DEFAULT_SEEDS)
     p.add_argument("--frames", type=int, default=96)
     p.add_argument("--questions", type=int, default=16, help="past questions per episode")
+    p.add_argument("--current-questions", type=int, default=8, help="current-view questions per (own) episode")
+    p.add_argument("--note", default="", help="a paragraph shown under the tables (what was tried, caveats)")
     p.add_argument("--budgets", type=int, nargs="+", default=[128, 512])
     p.add_argument("--saddle", default=DEFAULT_SPEC, help="saddle bias:strength")
     p.add_argument("--max-new-tokens", type=int, default=16)
@@ -184,9 +235,10 @@ def main(argv=None, model=None, processor=None):
         from infmllm_ros.engine import loading
 
         model, processor = loading.load(name, device="cpu", dtype=getattr(torch, a.dtype))
-    res = run(model, processor, a.seeds, a.frames, a.questions, a.budgets, a.saddle, a.max_new_tokens)
+    res = run(model, processor, a.seeds, a.frames, a.questions, a.budgets, a.saddle, a.max_new_tokens,
+              n_current=a.current_questions)
     res.update(model=name, device="cpu", dtype=a.dtype, machine=m, commit=common.git_commit(),
-               command=common.command_line(["evidence", *argv]))
+               command=common.command_line(["evidence", *_without_note(argv)]), note=a.note)
     return common.finish(a.out, a.name, res, markdown, plot)
 
 

@@ -30,24 +30,32 @@ def test_tiny_run_chance_and_report(tmp_path):
 
     torch.set_num_threads(1)
     model, proc = tiny_model("llava_llama")
-    args = ["--seeds", "0", "--frames", "20", "--questions", "4", "--budgets", "96", "--max-new-tokens", "2",
-            "--out", str(tmp_path)]
+    args = ["--seeds", "0", "--frames", "20", "--questions", "4", "--current-questions", "3", "--budgets", "96",
+            "--max-new-tokens", "2", "--out", str(tmp_path), "--note", "A hand-written note."]
     assert evidence.main(args, model=model, processor=proc) == 0
     res = json.loads((tmp_path / "evidence.json").read_text())
     cell = res["budgets"]["96"]
-    rows = cell["rows"]
-    assert cell["questions"] == len(rows) >= 1
+    past = [r for r in cell["rows"] if r["kind"] == "past"]
+    cur = [r for r in cell["rows"] if r["kind"] == "current"]
+    assert cell["questions"] == len(past) >= 1 and cell["current_n"] == len(cur) >= 1
     eps = world.make_episode(0, 20, 4, kinds=("past",))
-    for r in rows:
+    for r in past:
         pred = evidence.asked_object(r["question"])
         shown = sum(evidence.shows(eps.frames[i], pred) for i in r["held"])
         assert r["chance"] == pytest.approx(shown / len(r["held"]))
         assert r["answer_frame_held"] == (r["seen_frame"] in r["held"])
         if r["top"] is not None:
             assert r["top"] in r["held"] and r["hit"] == evidence.shows(eps.frames[r["top"]], pred)
-    held = [r for r in rows if r["answer_frame_held"]]
+    held = [r for r in past if r["answer_frame_held"]]
     assert cell["n"] == len(held)
     if held:
         assert cell["chance"] == pytest.approx(sum(r["chance"] for r in held) / len(held), abs=1e-4)
+    cur_eps = world.make_episode(0, 20, 3, kinds=("current",))
+    assert [r["question"] for r in cur] == [e.question for e in cur_eps.events]
+    for r in cur:  # the tiny model has no view gate: every question is ranked as past
+        assert r["top_is_newest"] == (r["top"] == r["frame"]) and (r["view"], r["view_right"]) == ("past", False)
+    assert cell["current_chance"] == pytest.approx(sum(1 / len(r["held"]) for r in cur) / len(cur), abs=1e-4)
+    assert cell["current_top_is_newest"] == pytest.approx(sum(r["top_is_newest"] for r in cur) / len(cur), abs=1e-4)
     md = report.render(report.load_results(tmp_path), tmp_path / "BENCHMARKS.md")
-    assert "## Answer evidence (evidence.json)" in md
+    assert "## Answer evidence (evidence.json)" in md and "A hand-written note." in md
+    assert "--note" not in res["command"] and "--current-questions 3" in res["command"]

@@ -3,7 +3,8 @@
 memory(): the test keeps its own map of which stream indices each frame occupies (from the token counts observe()
 returns and the cache's seen counter) and counts the cache's kept_indices() by hand, for every policy over a
 300-frame stream. evidence: with nothing evicted, the ranking and shares equal those read from
-an eager full forward of the same token sequence (output_attentions), summed over layers, heads and question rows.
+an eager full forward of the same token sequence (output_attentions), summed over layers, heads and question rows;
+a view gate's score equals the one computed from single query heads' eager attentions, and decides the ranking.
 """
 
 import numpy as np
@@ -84,8 +85,8 @@ def test_memory_after_reset_is_empty(tiny):
     assert mem["frames"] == [] and mem["text"] == [] and mem["totals"]["stored"] == 0
 
 
-def test_evidence_equals_eager_attention_mass():
-    """Budget above the stream: the probe's per-frame mass == the eager model's attention probabilities."""
+def _eager_question():
+    """A 4-frame stream and one question through the session, and the eager full forward of the same tokens."""
     model, proc = tiny_model("llava_llama", seed=0)
     system = "You are a robot."
     cfg = CacheConfig(policy="saddle", budget=1024, recent=64, window=16, max_chunk=256, max_new_tokens=8)
@@ -106,21 +107,54 @@ def test_evidence_equals_eager_attention_mass():
         out = oracle(input_ids=torch.tensor([ids]), **merge_pixels("llava_llama", [pix]), output_attentions=True)
     n_q = len(ids) - len(s._prefix_ids) - sum(ns)
     assert n_q > 0
-    col = sum(att[0, :, -n_q:, :].double().sum((0, 1)) for att in out.attentions)  # [N] mass per key
     starts = np.cumsum([len(s._prefix_ids)] + ns)
-    per_frame = np.array([float(col[b - n:b].sum()) for n, b in zip(ns, starts[1:], strict=True)])
-    # ranking: the last EVIDENCE_QUERIES queries in the later half of the layers, times (frames newer + 1)**RECENCY
+    bounds = [(b - n, b) for n, b in zip(ns, starts[1:], strict=True)]  # each frame's keys (nothing is evicted)
+    return s, ans, out.attentions, n_q, bounds, stamps
+
+
+def _ranking(atts, n_q, bounds, stamps, recency):
+    """Frames by the last EVIDENCE_QUERIES queries' mass in the later half of the layers, x (newer + 1)**recency."""
     n_r = min(memory_view.EVIDENCE_QUERIES, n_q)
-    late = out.attentions[len(out.attentions) // 2:]
-    col_r = sum(att[0, :, -n_r:, :].double().sum((0, 1)) for att in late)
-    ranked = np.array([float(col_r[b - n:b].sum()) * (len(ns) - k) ** memory_view.RECENCY
-                       for k, (n, b) in enumerate(zip(ns, starts[1:], strict=True))])
+    col_r = sum(att[0, :, -n_r:, :].double().sum((0, 1)) for att in atts[len(atts) // 2:])
+    ranked = np.array([float(col_r[a:b].sum()) * (len(bounds) - k) ** recency for k, (a, b) in enumerate(bounds)])
     weights = ranked / ranked.sum()
-    want = sorted(zip(weights, stamps, strict=True), reverse=True)[:3]
+    return sorted(zip(weights, stamps, strict=True), reverse=True)[:3]
+
+
+def test_evidence_equals_eager_attention_mass():
+    """Budget above the stream: the probe's per-frame mass == the eager model's attention probabilities; no view
+    gate exists for the tiny model's shape, so the past (age-corrected) ranking applies."""
+    s, ans, atts, n_q, bounds, stamps = _eager_question()
+    col = sum(att[0, :, -n_q:, :].double().sum((0, 1)) for att in atts)  # [N] mass per key
+    per_frame = np.array([float(col[a:b].sum()) for a, b in bounds])
+    want = _ranking(atts, n_q, bounds, stamps, memory_view.RECENCY)
     got = ans.evidence["frames"]
     assert [g["stamp"] for g in got] == [st for _w, st in want]
     np.testing.assert_allclose([g["weight"] for g in got], [w for w, _st in want], atol=2e-4)
+    assert (ans.evidence["view"], ans.evidence["view_score"]) == ("past", None)
     total = float(col.sum())
     assert ans.evidence["frame_share"] == pytest.approx(per_frame.sum() / total, abs=2e-4)
     assert ans.evidence["question_share"] == pytest.approx(float(col[-n_q:].sum()) / total, abs=2e-4)
-    assert ans.evidence["text_share"] == pytest.approx(float(col[:len(s._prefix_ids)].sum()) / total, abs=2e-4)
+    assert ans.evidence["text_share"] == pytest.approx(float(col[:bounds[0][0]].sum()) / total, abs=2e-4)
+
+
+@pytest.mark.parametrize("bias", [-3.0, 3.0])
+def test_view_gate_equals_eager_head_shares(monkeypatch, bias):
+    """A view gate for the tiny model's shape: its score == bias + sum of weight x the newest frame's share of one
+    query head's frame mass (eager attentions), and the ranking drops the age correction exactly when score > 0."""
+    terms = ((1, 1, 3, 2.0), (4, 0, 1, -1.5), (2, 1, 0, 1.0))  # (queries, layer, query head, weight)
+    monkeypatch.setitem(memory_view.VIEW_GATES, (2, 4, 2, 16), memory_view.ViewGate(terms=terms, bias=bias))
+    s, ans, atts, n_q, bounds, stamps = _eager_question()
+    z = bias
+    for queries, layer, head, weight in terms:
+        col = atts[layer][0, head, -queries:, :].double().sum(0)
+        per_frame = np.array([float(col[a:b].sum()) for a, b in bounds])
+        z += weight * per_frame[-1] / per_frame.sum()
+    assert ans.evidence["view_score"] == pytest.approx(z, abs=2e-4)
+    current = z > 0
+    assert current == (bias > 0)  # the bias dominates the shares (each in [0, 1]) in both cases
+    assert ans.evidence["view"] == ("current" if current else "past")
+    want = _ranking(atts, n_q, bounds, stamps, 0.0 if current else memory_view.RECENCY)
+    got = ans.evidence["frames"]
+    assert [g["stamp"] for g in got] == [st for _w, st in want]
+    np.testing.assert_allclose([g["weight"] for g in got], [w for w, _st in want], atol=2e-4)
