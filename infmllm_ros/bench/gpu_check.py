@@ -5,7 +5,8 @@
    windows of 32 queries and of a whole 576-token frame; one decode query with raw column sums);
 2. stream: 1M tokens through a real-size random-weight text model (Qwen2.5-7B widths) on the bounded cache:
    tokens/s and torch.cuda.max_memory_allocated at 4K / 64K / 1M tokens (flat = bounded);
-3. decode: one decode step's time against (weight bytes + kept KV bytes) / measured HBM bandwidth.
+3. decode: one decode step's time against (weight bytes + kept KV bytes) / measured HBM bandwidth;
+4. layer scaling: end_chunk time and aten op count at 4 / 16 / 32 layers (goal: 32 / 4 layers <= 2).
 
 Writes a json (default docs/bench/gpu_check.json). Without CUDA it prints why and exits 0 having written nothing,
 unless `--device cpu` is asked for: `--tiny --device cpu` runs every part at toy size (the smoke test).
@@ -243,6 +244,18 @@ def run_stream(device, dtype, shapes, time_limit_s: float, log=print) -> dict:
 # ------------------------------------------------------------------------------------------------------ report
 
 
+def layer_scaling(device, dtype, tiny: bool) -> list[dict]:
+    """Issue 12 item 5 on the GPU: end_chunk time and aten op count at 4 / 16 / 32 layers (cache_cost's measurement;
+    goal 32-layer / 4-layer time <= 2: on a GPU an eviction is launch-bound, on a CPU memory-traffic-bound)."""
+    from types import SimpleNamespace
+
+    from infmllm_ros.bench import cache_cost
+
+    args = SimpleNamespace(budget=32 if tiny else 1024, chunk=16 if tiny else 256, recent=8 if tiny else 128,
+                           window=0, sinks=4)
+    return cache_cost.layer_scaling(args, device, dtype)
+
+
 def markdown(res: dict) -> str:
     lines = ["### GPU check (`make gpu-check`)\n",
              f"{res['device_name']} ({res['device']}, stream dtype {res['dtype']}{', toy sizes' if res['tiny'] else ''}"
@@ -272,6 +285,13 @@ def markdown(res: dict) -> str:
                   f"{d['weight_bytes'] / 2**30:.2f} GiB + kept KV {d['kept_kv_bytes'] / 2**20:.1f} MiB) / copy "
                   f"bandwidth {d['copy_bandwidth_bytes_per_s'] / 1e9:.0f} GB/s = "
                   f"{1e3 * d['bandwidth_bound_s']:.2f} ms: x{d['step_over_bound']:.2f} of the bound."]
+    rows = res.get("layer_scaling")
+    if rows:
+        lines += ["", "Eviction cost vs layers (end_chunk alone, hidden 2048, head_dim 128; goal: 32 / 4 layers <= 2):",
+                  "", "| KV heads | layers | end_chunk ms | aten ops | time / 4 layers | ops / 4 layers |",
+                  "|---|---|---|---|---|---|"]
+        lines += [f"| {r['kv_heads']} | {r['layers']} | {r['end_chunk_ms']:.2f} | {r['ops']} | "
+                  f"{r['time_ratio_to_4_layers']:.2f} | {r['ops_ratio_to_4_layers']:.2f} |" for r in rows]
     return "\n".join(lines) + "\n"
 
 
@@ -299,6 +319,10 @@ def findings(name: str, res: dict) -> list[str]:
         out.append(f"`{name}`: {last['tokens']} tokens at {last['tokens_per_s']} tokens/s, peak memory "
                    f"{first[key] / 2**30:.2f} GiB at {first['tokens']} tokens -> {last[key] / 2**30:.2f} GiB; decode "
                    f"x{s['decode']['step_over_bound']:.2f} of the bandwidth bound.")
+    worst = max((r["time_ratio_to_4_layers"] for r in res.get("layer_scaling") or [] if r["layers"] == 32),
+                default=None)
+    if worst is not None:
+        out.append(f"`{name}`: end_chunk at 32 layers / 4 layers: x{worst:.2f} on {res['device_name']} (goal <= 2).")
     return out
 
 
@@ -313,6 +337,7 @@ def parse(argv):
     p.add_argument("--tokens", type=int, default=None, help="stream length (default 1M; --tiny 1024)")
     p.add_argument("--stream-time-limit", type=float, default=300.0, help="stop the stream after this many s")
     p.add_argument("--skip-stream", action="store_true")
+    p.add_argument("--skip-layer-scaling", action="store_true")
     p.add_argument("--out", default=str(common.DEFAULT_OUT / "gpu_check.json"))
     return p.parse_args(argv)
 
@@ -345,6 +370,8 @@ def main(argv=None) -> int:
         d = res["stream"]["decode"]
         print(f"  decode step {1e3 * d['median_step_s']:.2f} ms vs bandwidth bound {1e3 * d['bandwidth_bound_s']:.2f}"
               f" ms (x{d['step_over_bound']:.2f})")
+    if not a.skip_layer_scaling:
+        res["layer_scaling"] = layer_scaling(device, dtype, a.tiny)
     res["ok"] = all(r["ok"] for r in res["kernels"]) and all(
         p["finite"] for p in res.get("stream", {}).get("points", []))
     res["seconds"] = round(time.perf_counter() - t0, 1)

@@ -25,9 +25,13 @@ def test_tiny_cpu_run_writes_every_part(tmp_path):
     assert d["median_step_s"] > 0 and d["copy_bandwidth_bytes_per_s"] > 0
     assert d["weight_bytes"] == 4 * s["model"]["parameters"]  # fp32 on CPU
     assert d["bandwidth_bound_s"] == (d["weight_bytes"] + d["kept_kv_bytes"]) / d["copy_bandwidth_bytes_per_s"]
+    ls = res["layer_scaling"]  # issue 12 item 5 on the GPU: end_chunk at 4 / 16 / 32 layers
+    assert sorted({(r["kv_heads"], r["layers"]) for r in ls}) == [(k, n) for k in (2, 8) for n in (4, 16, 32)]
+    assert all(r["end_chunk_ms"] > 0 and r["ops"] > 0 and r["stored"] == 32 for r in ls)
     md = gpu_check.markdown(res)  # what docs/BENCHMARKS.md will show once the GPU run's json is in docs/bench
     assert md.count("| window_scores |") == 9 and "| 512 |" in md and "of the bound" in md
     assert "all within tolerance" in gpu_check.findings("g.json", res)[0]
+    assert "| 8 | 32 |" in md and "32 layers / 4 layers" in gpu_check.findings("g.json", res)[-1]
 
 
 def test_kernel_check_catches_a_wrong_kernel(monkeypatch):
