@@ -78,8 +78,10 @@ def test_memory_refused_up_front(tiny):
     with pytest.raises(InsufficientMemoryError, match="weights"):
         StreamingSession.from_pretrained(str(tiny_dir("llava_llama")), cache=huge)
     s = StreamingSession(model, proc, cache=CFG)
-    assert s.kv_bytes == 2 * 2 * 2 * (CFG.capacity + s.answer_tail) * 16 * 4  # layers x (K,V) x kv_heads x slots
-    # x head_dim x fp32; the slots: capacity + the answer's closing text (it may wait beside a full chunk)
+    buffers = 3 if s.cache.read_copy else 2  # K, V (+ on CPU the keys as attention reads them: BoundedCache.read_copy)
+    assert s.kv_bytes == 2 * buffers * 2 * (CFG.capacity + s.answer_tail) * 16 * 4  # layers x buffers x kv_heads x
+    # slots x head_dim x fp32; the slots: capacity + the answer's closing text (it may wait beside a full chunk)
+    assert s.cache.read_copy  # on this CPU
 
 
 def test_from_pretrained_local_dir(tiny):
