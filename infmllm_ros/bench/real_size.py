@@ -36,6 +36,7 @@ SHAPES = {
     "qwen2_vl_2b": dict(
         text=dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
                   num_key_value_heads=2, vocab_size=151936, rms_norm_eps=1e-6, max_position_embeddings=32768,
+                  tie_word_embeddings=True,
                   rope_parameters={"rope_type": "default", "mrope_section": [16, 24, 24], "rope_theta": 1000000.0}),
         vision=dict(depth=32, embed_dim=1280, hidden_size=1536, num_heads=16, mlp_ratio=4, patch_size=14,
                     spatial_merge_size=2, temporal_patch_size=2)),
@@ -77,7 +78,7 @@ def build(name: str, text_layers: int, vision_layers: int, seed: int = 0):
         vision = dict(shape["vision"], depth=vision_layers)
         cfg = tf.Qwen2VLConfig(text_config=text, vision_config=vision, image_token_id=ids("<|image_pad|>"),
                                video_token_id=ids("<|video_pad|>"), vision_start_token_id=ids("<|vision_start|>"),
-                               vision_end_token_id=ids("<|vision_end|>"))
+                               vision_end_token_id=ids("<|vision_end|>"), tie_word_embeddings=True)
         model = tf.Qwen2VLForConditionalGeneration(cfg)
     return model.eval(), proc
 
@@ -154,6 +155,7 @@ def run_session(model, proc, policy: str, n_frames: int, budget: int, questions:
             s.observe(f, float(i))
         obs.append(time.perf_counter() - t0)
         vis.append(timer.total - v0)
+        _progress(i, obs, vis)
         if (i + 1) % every == 0:
             a = s.ask("What changed?", max_new_tokens=new_tokens)
             asks.append(a.latency_s)
@@ -163,6 +165,25 @@ def run_session(model, proc, policy: str, n_frames: int, budget: int, questions:
     st = s.stats()
     return dict(obs=obs, vis=vis, asks=asks, decode=decode, kept_tokens=st["tokens_stored"], kv_bytes=st["kv_bytes"],
                 tokens_per_frame=st["last_frame_tokens"], profile=prof), torch
+
+
+def _progress(i: int, obs: list, vis: list) -> None:
+    """One line per observed frame, so a run cut off by --child-timeout still says how far it got and how fast."""
+    print("PROGRESS " + json.dumps({"frames_done": i + 1, "observe_ms": round(obs[-1] * 1e3, 1),
+                                    "vision_ms": round(vis[-1] * 1e3, 1)}), flush=True)
+
+
+def _cut_off_row(stdout: str, timeout_s: float) -> dict:
+    """What a child that ran past the timeout had measured: frames observed and their median observe time."""
+    import statistics
+
+    prog = [json.loads(x[9:]) for x in stdout.splitlines() if x.startswith("PROGRESS ")]
+    row = {"error": f"cut off after {timeout_s:.0f} s (--child-timeout) at {len(prog)} frames observed"}
+    if prog:
+        row.update(frames_done=prog[-1]["frames_done"],
+                   observe_ms_so_far=round(statistics.median(p["observe_ms"] for p in prog), 1),
+                   last_observe_ms=prog[-1]["observe_ms"], last_vision_ms=prog[-1]["vision_ms"])
+    return row
 
 
 def _profile(fn, top: int = 12) -> list[dict]:
@@ -213,6 +234,7 @@ def run_plain(model, proc, method: str, n_frames: int, k_frames: int, questions:
                 window = (window + [img])[-k_frames:]
             obs.append(time.perf_counter() - t0)
             vis.append(timer.total - v0)
+            _progress(i, obs, vis)
             if (i + 1) % every == 0:
                 t0 = time.perf_counter()
                 if method == "dynamic_cache":
@@ -279,15 +301,17 @@ def main(argv=None):
     p = argparse.ArgumentParser(prog="infmllm-bench real-size", description=__doc__.splitlines()[0])
     p.add_argument("--shapes", default="smolvlm_256m,qwen2_vl_2b")
     p.add_argument("--methods", default=",".join(METHODS))
-    p.add_argument("--frames", default="4,12", help="stream lengths (8,32,128 takes hours here)")
+    p.add_argument("--frames", default="8,32,128", help="stream lengths (the full default: ~40 min on 2 cores)")
     p.add_argument("--text-layers", type=int, default=2)
     p.add_argument("--vision-layers", type=int, default=1)
     p.add_argument("--budget", type=int, default=512, help="session KV budget in tokens")
     p.add_argument("--k-frames", type=int, default=4, help="frames the re-prefill baseline keeps")
-    p.add_argument("--questions", type=int, default=2, help="questions per stream")
+    p.add_argument("--questions", type=int, default=4, help="questions per stream (evenly spaced, the last at the end)")
     p.add_argument("--new-tokens", type=int, default=6)
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads (1: 2 threads stall on a shared 2-core machine, decode 130 vs 37 ms seen)")
+    p.add_argument("--child-timeout", type=float, default=1800.0,
+                   help="seconds one (shape, method, frames) run may take; past it the row records how far it got")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT / "real_size.json")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--shape", help=argparse.SUPPRESS)
@@ -300,36 +324,43 @@ def main(argv=None):
         return 0
     bandwidth = measure_bandwidth()
     print(f"memory bandwidth (copy): {bandwidth:.1f} GB/s", flush=True)
-    rows = []
+    command = "infmllm-bench real-size " + " ".join(argv if argv is not None else sys.argv[1:])
+    result = dict(bench="real-size", kind="real_size", command=command.strip(), machine=machine(),
+                  machine_note="shared 2-core AMD EPYC, 24 GiB, no GPU", commit=git_commit(),
+                  bandwidth_gb_s=round(bandwidth, 2), complete=False,
+                  args={k: v for k, v in vars(args).items() if k not in ("out",)}, rows=[])
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    lengths = [int(x) for x in args.frames.split(",")]
     for shape in args.shapes.split(","):
-        for n in [int(x) for x in args.frames.split(",")]:
+        for n in lengths:
             for method in args.methods.split(","):
                 cmd = [sys.executable, "-m", "infmllm_ros.bench.real_size", "--child", "--shape", shape,
                        "--method", method, "--frames", str(n), "--text-layers", str(args.text_layers),
                        "--vision-layers", str(args.vision_layers), "--budget", str(args.budget),
                        "--k-frames", str(args.k_frames), "--questions", str(args.questions),
                        "--new-tokens", str(args.new_tokens), "--threads", str(args.threads)]
-                if method == "saddle" and n == max(int(x) for x in args.frames.split(",")):
+                if method == "saddle" and n == max(lengths):
                     cmd.append("--profile")
                 t0 = time.perf_counter()
-                proc = subprocess.run(cmd, capture_output=True, text=True)
-                line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
-                if proc.returncode or not line:
-                    row = dict(shape=shape, method=method, frames=n, error=(proc.stderr or proc.stdout)[-800:])
-                else:
-                    row = json.loads(line[-1][7:])
-                    limit_s = (row["decode_weight_bytes"] + row["kept_kv_bytes"]) / (bandwidth * 1e9)
-                    row["bandwidth_limit_ms"] = round(limit_s * 1e3, 2)
-                    row["decode_over_limit"] = round(row["decode_ms_per_token"] / 1e3 / limit_s, 2)
+                try:
+                    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.child_timeout)
+                    line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
+                    if proc.returncode or not line:
+                        row = dict(error=(proc.stderr or proc.stdout)[-800:])
+                    else:
+                        row = json.loads(line[-1][7:])
+                        limit_s = (row["decode_weight_bytes"] + row["kept_kv_bytes"]) / (bandwidth * 1e9)
+                        row["bandwidth_limit_ms"] = round(limit_s * 1e3, 2)
+                        row["decode_over_limit"] = round(row["decode_ms_per_token"] / 1e3 / limit_s, 2)
+                except subprocess.TimeoutExpired as e:
+                    out = e.stdout.decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
+                    row = _cut_off_row(out, args.child_timeout)
+                row = dict(dict(shape=shape, method=method, frames=n), **row)
                 row["wall_s"] = round(time.perf_counter() - t0, 1)
                 print(json.dumps({k: v for k, v in row.items() if k != "profile"}), flush=True)
-                rows.append(row)
-    command = "infmllm-bench real-size " + " ".join(argv if argv is not None else sys.argv[1:])
-    result = dict(bench="real-size", kind="real_size", command=command.strip(), machine=machine(),
-                  machine_note="shared 2-core AMD EPYC, 24 GiB, no GPU",
-                  commit=git_commit(), bandwidth_gb_s=round(bandwidth, 2), args={k: v for k, v in vars(args).items()
-                                                                                 if k not in ("out",)}, rows=rows)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
+                result["rows"].append(row)
+                args.out.write_text(json.dumps(result, indent=1, default=str) + "\n")  # a cut run keeps its rows
+    result["complete"] = True
     args.out.write_text(json.dumps(result, indent=1, default=str) + "\n")
     print(f"wrote {args.out}")
     return 0
@@ -353,6 +384,11 @@ def markdown(res: dict) -> str:
              "| shape | method | frames | observe ms (vision + prefill) | decode ms/token | question ms | peak RSS MiB "
              "| kept tokens | decode / bandwidth limit |", "|---|---|---|---|---|---|---|---|---|"]
     for r in res["rows"]:
+        if "frames_done" in r:  # cut off by --child-timeout: what it had measured
+            lines.append(f"| {r['shape']} | {r['method']} | {r['frames']} | cut off after {r['wall_s']:.0f} s at "
+                         f"{r['frames_done']} frames: observe median {r['observe_ms_so_far']:.0f}, last "
+                         f"{r['last_observe_ms']:.0f} ({r['last_vision_ms']:.0f} vision) |||||")
+            continue
         if "error" in r:
             lines.append(f"| {r['shape']} | {r['method']} | {r['frames']} | failed: {r['error'][-120:]!r} |||||")
             continue
