@@ -434,21 +434,75 @@ def markdown(res: dict) -> str:
         lines.append(f"| {r['shape']} | {r['method']} | {r['frames']} | {r['observe_ms']:.0f} ({r['vision_ms']:.0f} + "
                      f"{r['prefill_ms']:.0f}) | {r['decode_ms_per_token']:.1f} | {r['question_ms']:.0f} | "
                      f"{peak} | {r['kept_tokens']} | {r['decode_over_limit']:.2f} |")
-    lines += ["", "Notes. The session downscales frames to its frame bounds (Qwen2-VL 208 tokens per frame), the plain "
-              "baselines feed the processor's default size (about 390); the plain Qwen2-VL DynamicCache run passes no "
-              "M-RoPE positions, so its outputs are not exact (its timing and memory are). Decode / bandwidth limit "
-              "below 1 means the copy bandwidth (read + write) understates what a read-only matmul gets. Each figure "
-              "is a median over 2 questions on a machine shared with other jobs: single outliers (smolvlm saddle "
-              "12 frames, 78.7 ms/token against 25.8 for streaming_llm) are scheduling noise until rerun. Beyond the "
-              "matmuls: a decode step is >98 % aten::mm (attention 0.3-0.7 ms); an evicting observe spends its time "
-              "in the vision tower and prefill matmuls, the eviction itself (copy_, index_put_) is a few ms. The "
-              "biggest overhead found was outside our code: 2 torch threads on this shared 2-core machine made a "
-              "decode step 130 ms against 37 ms with 1 thread, hence --threads 1."]
+    lines += ["", _notes(res)]
     for r in res["rows"]:
         for name, ops in (r.get("profile") or {}).items():
             lines += ["", f"Profile, {r['shape']} {r['method']} {r['frames']} frames, {name} (top ops, self CPU):",
                       ", ".join(f"{o['op']} {o['self_ms']:.1f} ms x{o['calls']}" for o in ops[:8])]
     return "\n".join(lines)
+
+
+def _notes(res: dict) -> str:
+    """The Notes paragraph: the figures it quotes are computed from the rows, so it stays true on a rerun."""
+    ok = [r for r in res["rows"] if "error" not in r]
+    out = ["Notes."]
+    per_frame = {r["shape"]: r["tokens_per_frame"] for r in ok if r.get("tokens_per_frame")}
+    if per_frame:
+        out.append("The session downscales frames to its frame bounds (" + ", ".join(
+            f"{k} {v} tokens per frame" for k, v in sorted(per_frame.items())) + "); the plain baselines feed the "
+            "processor's default size (Qwen2-VL about 390 image tokens for 640x480) plus a chat turn per frame.")
+    kept = [r["kept_tokens"] for r in ok if r["method"] in ("saddle", "streaming_llm")]
+    if kept:
+        out.append(f"The session keeps {min(kept)}-{max(kept)} tokens at every stream length (budget "
+                   f"{res['args']['budget']} + the newest chunk).")
+    for shape in sorted({r["shape"] for r in res["rows"]}):
+        dyn = sorted((r["frames"], r) for r in ok if r["shape"] == shape and r["method"] == "dynamic_cache")
+        ses = sorted((r["frames"], r) for r in ok if r["shape"] == shape and r["method"] == "streaming_llm")
+        if len(dyn) >= 2:
+            (f0, a), (f1, b) = dyn[0], dyn[-1]
+            line = (f"{shape}: DynamicCache keeps everything, {a['kept_tokens']} tokens at {f0} frames and "
+                    f"{b['kept_tokens']} at {f1}; its observe median goes {a['observe_ms']:.0f} -> "
+                    f"{b['observe_ms']:.0f} ms per frame")
+            if ses:
+                line += (f" (the session's: {ses[0][1]['observe_ms']:.0f} -> {ses[-1][1]['observe_ms']:.0f})")
+            out.append(line + ".")
+        for r in res["rows"]:
+            if r["shape"] == shape and "frames_done" in r:
+                out.append(f"{shape} {r['method']} at {r['frames']} frames was cut off after {r['wall_s']:.0f} s "
+                           f"(--child-timeout) with {r['frames_done']} frames observed; its last frame took "
+                           f"{r['last_observe_ms']:.0f} ms ({r['last_vision_ms']:.0f} of them vision), so the rest "
+                           "is prefill against the growing cache.")
+        rep = [r["question_ms"] for r in ok if r["shape"] == shape and r["method"] == "reprefill_last_k"]
+        sq = [r["question_ms"] for r in ok if r["shape"] == shape and r["method"] in ("saddle", "streaming_llm")]
+        if rep and sq:
+            out.append(f"{shape}: re-prefilling the last {res['args']['k_frames']} frames costs "
+                       f"{min(rep):.0f}-{max(rep):.0f} ms per question against {min(sq):.0f}-{max(sq):.0f} for the "
+                       "session.")
+    pairs = {}
+    for r in ok:
+        if r["method"] in ("saddle", "streaming_llm"):
+            pairs.setdefault((r["shape"], r["frames"]), {})[r["method"]] = r["observe_ms"]
+    ratios = [max(v.values()) / min(v.values()) for v in pairs.values() if len(v) == 2 and min(v.values()) > 0]
+    if ratios:
+        out.append(f"Noise: saddle and streaming_llm do the same work per frame (same model, same frames, same "
+                   f"budget), yet their observe medians differ by up to {max(ratios):.1f}x here: that is this "
+                   "shared machine's scheduling noise, and any difference below it means nothing.")
+    out.append("The plain Qwen2-VL DynamicCache run passes no M-RoPE positions, so its outputs are not exact (its "
+               "timing and memory are). Decode / bandwidth limit below 1 means the copy bandwidth (read + write) "
+               "understates what a read-only matmul gets.")
+    prof = [(r, name, ops) for r in ok for name, ops in (r.get("profile") or {}).items()]
+    for r, name, ops in prof:
+        total = sum(o["self_ms"] for o in ops) or 1.0
+        mm = sum(o["self_ms"] for o in ops if o["op"] in ("aten::mm", "aten::addmm", "aten::matmul", "aten::bmm"))
+        rest = [o for o in ops if o["op"] not in ("aten::mm", "aten::addmm", "aten::matmul", "aten::bmm")][:3]
+        out.append(f"Profile {r['shape']} {name}: matmuls {100 * mm / total:.0f} % of the listed self time; next "
+                   + ", ".join(f"{o['op']} {o['self_ms']:.1f} ms" for o in rest) + ".")
+    out.append("Beyond the matmuls: in an evicting observe the largest items are the vision tower's own "
+               "(transformers' attention and transposed copies, aten::copy_ on [1, 1024, 768] at SmolVLM's 512x512, "
+               "about 16 of 250 ms); the eviction's own ops (index, index_put_, cat on the kept KV) are a few ms at "
+               "most. The biggest overhead found was outside our code: 2 torch threads on this shared 2-core machine "
+               "made a decode step 130 ms against 37 ms with 1 thread, hence --threads 1.")
+    return " ".join(out)
 
 
 def plot(res: dict, png) -> None:
