@@ -512,7 +512,7 @@ def plot(res: dict, png) -> None:
     import matplotlib.pyplot as plt
 
     shapes = sorted({r["shape"] for r in res["rows"]})
-    fig, axes = plt.subplots(len(shapes), 2, figsize=(10, 3.4 * len(shapes)), squeeze=False)
+    fig, axes = plt.subplots(len(shapes), 3, figsize=(14, 3.4 * len(shapes)), squeeze=False)
     for row, shape in zip(axes, shapes, strict=True):
         for method in METHODS:
             pts = sorted((r["frames"], r) for r in res["rows"] if r["shape"] == shape and r["method"] == method
@@ -520,9 +520,17 @@ def plot(res: dict, png) -> None:
             if pts:
                 row[0].plot([f for f, _ in pts], [r["question_ms"] for _, r in pts], "o-", label=method)
                 row[1].plot([f for f, _ in pts], [r["decode_ms_per_token"] for _, r in pts], "o-", label=method)
+                if method != "reprefill_last_k":  # its vision + prefill are inside the question
+                    row[2].plot([f for f, _ in pts], [r["observe_ms"] for _, r in pts], "o-", label=method)
+            cut = [r for r in res["rows"] if r["shape"] == shape and r["method"] == method and "frames_done" in r]
+            for r in cut:  # a run cut off by --child-timeout: its median so far, marked
+                row[2].plot([r["frames"]], [r["observe_ms_so_far"]], "x", color="k",
+                            label=f"{method} cut off at {r['frames_done']} frames")
         row[0].set_title(f"{shape}: latency per question (ms)")
         row[1].set_title(f"{shape}: decode ms per token")
+        row[2].set_title(f"{shape}: observe ms per frame (median)")
         for ax in row:
+            ax.set_xscale("log", base=2)
             ax.set_xlabel("frames seen")
             ax.legend(fontsize=7)
     fig.tight_layout()
