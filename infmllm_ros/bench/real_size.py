@@ -25,6 +25,20 @@ from pathlib import Path
 
 from infmllm_ros.bench.common import DEFAULT_OUT, git_commit, machine
 
+
+def _machine_note(m: dict, memory_gib: float | None = None) -> str:
+    """'shared 2-core <cpu>, 24 GiB, no GPU' from the machine record (the CPU model changes between sessions)."""
+    mem = f", {memory_gib:.0f} GiB" if memory_gib else ""
+    gpu = m["gpu"]["name"] if m.get("gpu") else "no GPU"
+    return f"shared {m.get('cores')}-core {m.get('cpu')}{mem}, {gpu}"
+
+
+def _memory_gib() -> float | None:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    except (ValueError, OSError, AttributeError):
+        return None
+
 # published config.json values (HuggingFaceTB/SmolVLM-256M-Instruct, Qwen/Qwen2-VL-2B-Instruct)
 SHAPES = {
     "smolvlm_256m": dict(
@@ -351,7 +365,7 @@ def main(argv=None):
     print(f"memory bandwidth (copy): {bandwidth:.1f} GB/s", flush=True)
     command = "infmllm-bench real-size " + " ".join(argv if argv is not None else sys.argv[1:])
     result = dict(bench="real-size", kind="real_size", command=command.strip(), machine=machine(),
-                  machine_note="shared 2-core AMD EPYC, 24 GiB, no GPU", commit=git_commit(),
+                  memory_gib=round(_memory_gib() or 0, 1), commit=git_commit(),
                   bandwidth_gb_s=round(bandwidth, 2), complete=False,
                   args={k: v for k, v in vars(args).items() if k not in ("out",)}, rows=[])
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -402,7 +416,8 @@ def markdown(res: dict) -> str:
     load = f", load average {res['machine'].get('load_avg_1min')} at the start"
     if res.get("load_avg_end") is not None:
         load += f", {res['load_avg_end']} at the end"
-    lines = [f"Machine: {res.get('machine_note', '')}; copy bandwidth {res['bandwidth_gb_s']} GB/s. Random weights "
+    note = _machine_note(res["machine"], res.get("memory_gib"))
+    lines = [f"Machine: {note}; copy bandwidth {res['bandwidth_gb_s']} GB/s. Random weights "
              f"at the published widths, {a['text_layers']} text / {a['vision_layers']} vision layers (cut), "
              f"fp32, 640x480 frames, session budget {a['budget']} tokens, re-prefill keeps the last {a['k_frames']} "
              f"frames, {a['questions']} questions per stream, {a['new_tokens']} new tokens each, torch threads "
