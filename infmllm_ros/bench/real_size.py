@@ -515,8 +515,8 @@ def _notes(res: dict) -> str:
     out.append("Beyond the matmuls: in an evicting observe the largest items are the vision tower's own "
                "(transformers' attention and transposed copies, aten::copy_ on [1, 1024, 768] at SmolVLM's 512x512, "
                "about 16 of 250 ms); the eviction's own ops (index, index_put_, cat on the kept KV) are a few ms at "
-               "most. The biggest overhead found was outside our code: 2 torch threads on this shared 2-core machine "
-               "made a decode step 130 ms against 37 ms with 1 thread, hence --threads 1.")
+               "most. The biggest overhead found was outside our code: 2 torch threads on a shared 2-core machine made "
+               "a decode step 130 ms against 37 ms with 1 thread (an earlier run, on an AMD EPYC), hence --threads 1.")
     return " ".join(out)
 
 
