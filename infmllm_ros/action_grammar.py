@@ -4,8 +4,10 @@ Two backends behind one class, :class:`ActionConstraint`:
 
 * ``xgrammar`` (default): the schema is compiled once per (schema, tokenizer) when the constraint is built (the
   node builds it at configure). Per generated token the grammar matcher fills a bitmask of ceil(V/32) int32
-  words, which is applied **in place** to the logits (``apply_(generated_ids, logits)``); no list of allowed ids
-  is ever built. About 0.5 ms per action at a 128K vocabulary (``infmllm-bench actions``).
+  words, which is applied **in place** to the logits (``apply_(generated_ids, logits)``). On the CPU a sparse
+  mask (every state of the action schema) is applied as keep-allowed / fill -inf / put back, 10-20x faster than
+  xgrammar's per-bit CPU kernel at 128K; dense masks and GPU logits use xgrammar's kernel. About 1-2 ms of CPU
+  per action at a 128K vocabulary (``infmllm-bench actions``).
 * ``lmfe`` (lm-format-enforcer, the fallback when xgrammar is missing or cannot read the tokenizer): returns the
   allowed ids per step. Correct, but seconds of set-up and about a second per action at 128K.
 
@@ -47,29 +49,108 @@ def _xgrammar_tokenizer_info(tokenizer, vocab_size: int, eos: int):
         return xgr.TokenizerInfo(vocab, xgr.VocabType.RAW, vocab_size=vocab_size, stop_token_ids=[eos])
 
 
+SPARSE_WORDS = 128  # bitmasks with at most this many non-zero words (<= 4096 allowed ids) take the sparse path
+
+
+def allowed_ids(bitmask_row, vocab_size: int):
+    """The allowed ids (int64 numpy, ascending) of one xgrammar bitmask row (int32 words, bit i of word w = id
+    32 w + i), or None when more than SPARSE_WORDS words are non-zero (dense: the per-bit kernel is faster)."""
+    import numpy as np
+
+    words = bitmask_row.numpy() if hasattr(bitmask_row, "numpy") else bitmask_row
+    live = np.flatnonzero(words)
+    if len(live) > SPARSE_WORDS:
+        return None
+    if len(live) == 1:  # a forced token (one bit) is the commonest single-word case: no unpacking
+        w = int(words[live[0]]) & 0xFFFFFFFF
+        if w & (w - 1) == 0:
+            idx = np.array([live[0] * 32 + w.bit_length() - 1], dtype=np.int64)
+            return idx[idx < vocab_size]
+    # explicit little-endian bytes, so byte k of a word holds its bits 8k..8k+7 on any host
+    bits = np.unpackbits(words[live].astype("<i4").view(np.uint8), bitorder="little")
+    nz = np.flatnonzero(bits)
+    idx = live[nz >> 5] * 32 + (nz & 31)
+    return idx[idx < vocab_size]
+
+
+class IdsCache:
+    """bitmask contents -> allowed ids (a LongTensor, or None for a dense mask), exact: the key is the whole
+    bitmask. A schema has few grammar states (40 distinct masks over the 5 bench actions), so after the first
+    answers unpacking the bitmask (~0.1 ms per token at 128K with the caches cold from the model's forward) becomes
+    a copy + hash of ceil(V/32) words (~0.02 ms). Cleared when it holds ``max_entries`` masks (16 KB each at 128K)."""
+
+    def __init__(self, max_entries: int = 512):
+        self.max_entries = max_entries
+        self._map: dict = {}
+
+    def lookup(self, bitmask, vocab_size: int):
+        import torch
+
+        key = (vocab_size, bitmask.numpy().tobytes())
+        try:
+            return self._map[key]
+        except KeyError:
+            pass
+        idx = allowed_ids(bitmask[0], vocab_size)
+        idx = None if idx is None else torch.from_numpy(idx)
+        if len(self._map) >= self.max_entries:
+            self._map.clear()
+        self._map[key] = idx
+        return idx
+
+    def __len__(self) -> int:
+        return len(self._map)
+
+
+def apply_bitmask_cpu_(logits, bitmask, vocab_size: int, cache: IdsCache | None = None) -> None:
+    """xgrammar.apply_token_bitmask_inplace on CPU logits (1, W), W >= vocab_size, plus -inf on the ids past
+    vocab_size. Sparse masks (every action-schema state: at most ~80 allowed ids at 128K) keep the allowed logits,
+    fill the row with -inf and put them back: ~0.03-0.1 ms at 128K against ~0.4-0.6 ms for xgrammar's per-bit CPU
+    kernel, which stays for dense masks (``infmllm-bench actions``)."""
+    import torch
+    import xgrammar as xgr
+
+    if cache is not None:
+        idx = cache.lookup(bitmask, vocab_size)
+    else:
+        idx = allowed_ids(bitmask[0], vocab_size)
+        idx = None if idx is None else torch.from_numpy(idx)
+    if idx is None:
+        xgr.apply_token_bitmask_inplace(logits, bitmask, vocab_size=vocab_size)
+        if logits.shape[-1] > vocab_size:  # padded model vocabulary: ids the tokenizer does not have
+            logits[:, vocab_size:] = float("-inf")
+        return
+    row = logits[0]
+    keep = row.index_select(0, idx)
+    row.fill_(float("-inf"))  # also the padded ids past the tokenizer
+    row.index_copy_(0, idx, keep)
+
+
 class _GrammarMask:
     """One answer's xgrammar matcher. ``apply_`` masks logits in place; calling it returns the allowed ids
     (the ``allowed_tokens_fn`` interface, for callers that want a list)."""
 
-    def __init__(self, compiled, vocab_size: int):
+    def __init__(self, compiled, vocab_size: int, ids_cache: IdsCache | None = None):
         import torch
         import xgrammar as xgr
 
         self._torch, self._xgr = torch, xgr
         self.matcher = xgr.GrammarMatcher(compiled)
         self.vocab_size = vocab_size
-        self.bitmask = xgr.allocate_token_bitmask(1, vocab_size)  # int32 (1, ceil(V/32)), on the CPU
+        self.bitmask = xgr.allocate_token_bitmask(1, vocab_size)  # int32 (1, ceil(V/32)), on the CPU, reused
         self._fed = 0
         self._device_mask: dict = {}  # device -> int32 bitmask buffer there
+        self._ids_cache = ids_cache
 
     def _advance(self, generated_ids) -> None:
-        ids = list(generated_ids)
-        if len(ids) < self._fed:
-            raise ValueError(f"generated ids went back from {self._fed} to {len(ids)} tokens; one mask per answer")
-        for t in ids[self._fed:]:
-            if not self.matcher.accept_token(int(t)):
-                raise ValueError(f"token {int(t)} is not allowed by the action grammar here")
-        self._fed = len(ids)
+        n = len(generated_ids)
+        if n < self._fed:
+            raise ValueError(f"generated ids went back from {self._fed} to {n} tokens; one mask per answer")
+        for i in range(self._fed, n):  # only the new tokens (no copy of the prefix per step)
+            t = int(generated_ids[i])
+            if not self.matcher.accept_token(t):
+                raise ValueError(f"token {t} is not allowed by the action grammar here")
+        self._fed = n
         self.matcher.fill_next_token_bitmask(self.bitmask)
 
     def apply_(self, generated_ids, logits) -> None:
@@ -77,43 +158,26 @@ class _GrammarMask:
         self._advance(generated_ids)
         flat = logits.view(1, -1)
         n = min(flat.shape[-1], self.vocab_size)
-        mask = self.bitmask
-        if flat.device.type == "cpu" and self._apply_sparse_(flat, n):
+        if flat.device.type == "cpu":
+            apply_bitmask_cpu_(flat, self.bitmask, n, self._ids_cache)
             return
-        if flat.device.type != "cpu":  # keep one device buffer; the copy is ceil(V/32) words per token
-            buf = self._device_mask.get(flat.device)
-            if buf is None:
-                buf = self._device_mask[flat.device] = self._torch.empty_like(mask, device=flat.device)
-            mask = buf.copy_(mask, non_blocking=True)
-        self._xgr.apply_token_bitmask_inplace(flat, mask, vocab_size=n)
+        # one device buffer and xgrammar's device kernel; the copy is ceil(V/32) words per token
+        buf = self._device_mask.get(flat.device)
+        if buf is None:
+            buf = self._device_mask[flat.device] = self._torch.empty_like(self.bitmask, device=flat.device)
+        self._xgr.apply_token_bitmask_inplace(flat, buf.copy_(self.bitmask, non_blocking=True), vocab_size=n)
         if flat.shape[-1] > n:  # padded model vocabulary: ids the tokenizer does not have are never allowed
             flat[:, n:] = float("-inf")
 
-    def _apply_sparse_(self, flat, n: int) -> bool:
-        """Few allowed tokens (most JSON states): keep their logits, fill the rest with -inf. About 0.07 ms at 128K
-        against 0.3-0.5 ms for the per-bit kernel; False (nothing done) when the mask is dense."""
+    def __call__(self, generated_ids) -> list[int]:
         import numpy as np
 
-        words = self.bitmask.numpy()[0]
-        live = np.flatnonzero(words)
-        if len(live) > self.SPARSE_WORDS:
-            return False
-        bits = (words[live, None] >> np.arange(32, dtype=np.int32)) & 1
-        idx = (live[:, None] * 32 + np.arange(32))[bits.astype(bool)]
-        idx = self._torch.from_numpy(idx[idx < n])
-        keep = flat[0, idx]
-        flat.fill_(float("-inf"))  # also the padded ids past the tokenizer
-        flat[0, idx] = keep
-        return True
-
-    SPARSE_WORDS = 128  # at most 4096 allowed ids take the sparse path
-
-    def __call__(self, generated_ids) -> list[int]:
         self._advance(generated_ids)
-        torch = self._torch
-        words = self.bitmask[0]
-        bits = (words.unsqueeze(-1) >> torch.arange(32, dtype=torch.int32)) & 1
-        return torch.nonzero(bits.reshape(-1)[: self.vocab_size]).flatten().tolist()
+        idx = allowed_ids(self.bitmask[0], self.vocab_size)
+        if idx is None:  # dense: unpack every word
+            bits = np.unpackbits(self.bitmask.numpy()[0].astype("<i4").view(np.uint8), bitorder="little")
+            idx = np.flatnonzero(bits[: self.vocab_size])
+        return idx.tolist()
 
 
 class ActionConstraint:
@@ -155,6 +219,7 @@ class ActionConstraint:
         compiler = xgr.GrammarCompiler(info, max_threads=2)
         self._compiled = compiler.compile_json_schema(self.schema, any_whitespace=True,
                                                       max_whitespace_cnt=self.max_whitespace, strict_mode=True)
+        self._ids_cache = IdsCache()  # shared by this constraint's answers: same grammar, same masks
 
     def _build_lmfe(self, tokenizer) -> None:
         from lmformatenforcer import JsonSchemaParser
@@ -171,7 +236,7 @@ class ActionConstraint:
         """A per-answer mask. xgrammar: an object with ``apply_(ids, logits)`` (in place) that is also callable
         ``(ids) -> allowed ids``; lm-format-enforcer: a plain ``(ids) -> allowed ids`` function."""
         if self.backend == "xgrammar":
-            return _GrammarMask(self._compiled, self.vocab_size)
+            return _GrammarMask(self._compiled, self.vocab_size, self._ids_cache)
         from lmformatenforcer.tokenenforcer import TokenEnforcer
 
         parser = self._parser_cls(self.schema)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -23,6 +24,20 @@ import time
 from pathlib import Path
 
 from infmllm_ros.bench.common import DEFAULT_OUT, git_commit, machine
+
+
+def _machine_note(m: dict, memory_gib: float | None = None) -> str:
+    """'shared 2-core <cpu>, 24 GiB, no GPU' from the machine record (the CPU model changes between sessions)."""
+    mem = f", {memory_gib:.0f} GiB" if memory_gib else ""
+    gpu = m["gpu"]["name"] if m.get("gpu") else "no GPU"
+    return f"shared {m.get('cores')}-core {m.get('cpu')}{mem}, {gpu}"
+
+
+def _memory_gib() -> float | None:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    except (ValueError, OSError, AttributeError):
+        return None
 
 # published config.json values (HuggingFaceTB/SmolVLM-256M-Instruct, Qwen/Qwen2-VL-2B-Instruct)
 SHAPES = {
@@ -36,6 +51,7 @@ SHAPES = {
     "qwen2_vl_2b": dict(
         text=dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
                   num_key_value_heads=2, vocab_size=151936, rms_norm_eps=1e-6, max_position_embeddings=32768,
+                  tie_word_embeddings=True,
                   rope_parameters={"rope_type": "default", "mrope_section": [16, 24, 24], "rope_theta": 1000000.0}),
         vision=dict(depth=32, embed_dim=1280, hidden_size=1536, num_heads=16, mlp_ratio=4, patch_size=14,
                     spatial_merge_size=2, temporal_patch_size=2)),
@@ -77,7 +93,7 @@ def build(name: str, text_layers: int, vision_layers: int, seed: int = 0):
         vision = dict(shape["vision"], depth=vision_layers)
         cfg = tf.Qwen2VLConfig(text_config=text, vision_config=vision, image_token_id=ids("<|image_pad|>"),
                                video_token_id=ids("<|video_pad|>"), vision_start_token_id=ids("<|vision_start|>"),
-                               vision_end_token_id=ids("<|vision_end|>"))
+                               vision_end_token_id=ids("<|vision_end|>"), tie_word_embeddings=True)
         model = tf.Qwen2VLForConditionalGeneration(cfg)
     return model.eval(), proc
 
@@ -154,6 +170,7 @@ def run_session(model, proc, policy: str, n_frames: int, budget: int, questions:
             s.observe(f, float(i))
         obs.append(time.perf_counter() - t0)
         vis.append(timer.total - v0)
+        _progress(i, obs, vis)
         if (i + 1) % every == 0:
             a = s.ask("What changed?", max_new_tokens=new_tokens)
             asks.append(a.latency_s)
@@ -163,6 +180,25 @@ def run_session(model, proc, policy: str, n_frames: int, budget: int, questions:
     st = s.stats()
     return dict(obs=obs, vis=vis, asks=asks, decode=decode, kept_tokens=st["tokens_stored"], kv_bytes=st["kv_bytes"],
                 tokens_per_frame=st["last_frame_tokens"], profile=prof), torch
+
+
+def _progress(i: int, obs: list, vis: list) -> None:
+    """One line per observed frame, so a run cut off by --child-timeout still says how far it got and how fast."""
+    print("PROGRESS " + json.dumps({"frames_done": i + 1, "observe_ms": round(obs[-1] * 1e3, 1),
+                                    "vision_ms": round(vis[-1] * 1e3, 1)}), flush=True)
+
+
+def _cut_off_row(stdout: str, timeout_s: float) -> dict:
+    """What a child that ran past the timeout had measured: frames observed and their median observe time."""
+    import statistics
+
+    prog = [json.loads(x[9:]) for x in stdout.splitlines() if x.startswith("PROGRESS ")]
+    row = {"error": f"cut off after {timeout_s:.0f} s (--child-timeout) at {len(prog)} frames observed"}
+    if prog:
+        row.update(frames_done=prog[-1]["frames_done"],
+                   observe_ms_so_far=round(statistics.median(p["observe_ms"] for p in prog), 1),
+                   last_observe_ms=prog[-1]["observe_ms"], last_vision_ms=prog[-1]["vision_ms"])
+    return row
 
 
 def _profile(fn, top: int = 12) -> list[dict]:
@@ -213,6 +249,7 @@ def run_plain(model, proc, method: str, n_frames: int, k_frames: int, questions:
                 window = (window + [img])[-k_frames:]
             obs.append(time.perf_counter() - t0)
             vis.append(timer.total - v0)
+            _progress(i, obs, vis)
             if (i + 1) % every == 0:
                 t0 = time.perf_counter()
                 if method == "dynamic_cache":
@@ -237,6 +274,23 @@ def run_plain(model, proc, method: str, n_frames: int, k_frames: int, questions:
                 profile={})
 
 
+def _rss_mib(field: str = "VmRSS") -> float | None:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return round(int(line.split()[1]) / 1024, 1)
+    return None
+
+
+def _reset_peak_rss() -> bool:
+    """Set this process's VmHWM to its current RSS (Linux clear_refs 5), so the peak excludes model building
+    (random init briefly holds about twice the weights)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
 def _peak_rss_mib() -> float:
     """This process image's peak RSS. Not ru_maxrss: that survives fork + exec and so holds the parent's peak
     (its 2 GiB bandwidth buffers)."""
@@ -248,12 +302,16 @@ def _peak_rss_mib() -> float:
 
 def child(args) -> dict:
     """One (shape, method, frames) run in this process; prints one JSON line."""
+    import gc
     import statistics
 
     import torch
 
     torch.set_num_threads(args.threads)
     model, proc = build(args.shape, args.text_layers, args.vision_layers)
+    gc.collect()
+    rss_built = _rss_mib()
+    peak_source = "VmHWM after build" if _reset_peak_rss() else "VmHWM"
     if args.method in ("saddle", "streaming_llm"):
         r, _ = run_session(model, proc, args.method, args.frames, args.budget, args.questions, args.new_tokens,
                            args.profile)
@@ -268,7 +326,7 @@ def child(args) -> dict:
                observe_ms=round(med(r["obs"]) * 1e3, 1), vision_ms=round(med(r["vis"]) * 1e3, 1),
                prefill_ms=round((med(r["obs"]) - med(r["vis"])) * 1e3, 1),
                decode_ms_per_token=round(med(r["decode"]) * 1e3, 2), question_ms=round(med(r["asks"]) * 1e3, 1),
-               peak_rss_mib=_peak_rss_mib(), peak_rss_source="VmHWM",
+               peak_rss_mib=_peak_rss_mib(), peak_rss_source=peak_source, rss_after_build_mib=rss_built,
                kept_tokens=r["kept_tokens"], kept_kv_bytes=kept_kv, tokens_per_frame=r["tokens_per_frame"],
                weight_bytes=_weight_bytes(model), decode_weight_bytes=_text_weight_bytes(model), profile=r["profile"])
     print("RESULT " + json.dumps(out), flush=True)
@@ -279,15 +337,17 @@ def main(argv=None):
     p = argparse.ArgumentParser(prog="infmllm-bench real-size", description=__doc__.splitlines()[0])
     p.add_argument("--shapes", default="smolvlm_256m,qwen2_vl_2b")
     p.add_argument("--methods", default=",".join(METHODS))
-    p.add_argument("--frames", default="4,12", help="stream lengths (8,32,128 takes hours here)")
+    p.add_argument("--frames", default="8,32,128", help="stream lengths (the full default: ~40 min on 2 cores)")
     p.add_argument("--text-layers", type=int, default=2)
     p.add_argument("--vision-layers", type=int, default=1)
     p.add_argument("--budget", type=int, default=512, help="session KV budget in tokens")
     p.add_argument("--k-frames", type=int, default=4, help="frames the re-prefill baseline keeps")
-    p.add_argument("--questions", type=int, default=2, help="questions per stream")
+    p.add_argument("--questions", type=int, default=4, help="questions per stream (evenly spaced, the last at the end)")
     p.add_argument("--new-tokens", type=int, default=6)
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads (1: 2 threads stall on a shared 2-core machine, decode 130 vs 37 ms seen)")
+    p.add_argument("--child-timeout", type=float, default=1800.0,
+                   help="seconds one (shape, method, frames) run may take; past it the row records how far it got")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT / "real_size.json")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--shape", help=argparse.SUPPRESS)
@@ -298,38 +358,49 @@ def main(argv=None):
         args.frames = int(args.frames)
         child(args)
         return 0
+    import torch
+
+    torch.set_num_threads(args.threads)  # the bandwidth copy runs on as many threads as the children's decode
     bandwidth = measure_bandwidth()
     print(f"memory bandwidth (copy): {bandwidth:.1f} GB/s", flush=True)
-    rows = []
+    command = "infmllm-bench real-size " + " ".join(argv if argv is not None else sys.argv[1:])
+    result = dict(bench="real-size", kind="real_size", command=command.strip(), machine=machine(),
+                  memory_gib=round(_memory_gib() or 0, 1), commit=git_commit(),
+                  bandwidth_gb_s=round(bandwidth, 2), complete=False,
+                  args={k: v for k, v in vars(args).items() if k not in ("out",)}, rows=[])
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    lengths = [int(x) for x in args.frames.split(",")]
     for shape in args.shapes.split(","):
-        for n in [int(x) for x in args.frames.split(",")]:
+        for n in lengths:
             for method in args.methods.split(","):
                 cmd = [sys.executable, "-m", "infmllm_ros.bench.real_size", "--child", "--shape", shape,
                        "--method", method, "--frames", str(n), "--text-layers", str(args.text_layers),
                        "--vision-layers", str(args.vision_layers), "--budget", str(args.budget),
                        "--k-frames", str(args.k_frames), "--questions", str(args.questions),
                        "--new-tokens", str(args.new_tokens), "--threads", str(args.threads)]
-                if method == "saddle" and n == max(int(x) for x in args.frames.split(",")):
+                if method == "saddle" and n == max(lengths):
                     cmd.append("--profile")
                 t0 = time.perf_counter()
-                proc = subprocess.run(cmd, capture_output=True, text=True)
-                line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
-                if proc.returncode or not line:
-                    row = dict(shape=shape, method=method, frames=n, error=(proc.stderr or proc.stdout)[-800:])
-                else:
-                    row = json.loads(line[-1][7:])
-                    limit_s = (row["decode_weight_bytes"] + row["kept_kv_bytes"]) / (bandwidth * 1e9)
-                    row["bandwidth_limit_ms"] = round(limit_s * 1e3, 2)
-                    row["decode_over_limit"] = round(row["decode_ms_per_token"] / 1e3 / limit_s, 2)
+                try:
+                    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.child_timeout)
+                    line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
+                    if proc.returncode or not line:
+                        row = dict(error=(proc.stderr or proc.stdout)[-800:])
+                    else:
+                        row = json.loads(line[-1][7:])
+                        limit_s = (row["decode_weight_bytes"] + row["kept_kv_bytes"]) / (bandwidth * 1e9)
+                        row["bandwidth_limit_ms"] = round(limit_s * 1e3, 2)
+                        row["decode_over_limit"] = round(row["decode_ms_per_token"] / 1e3 / limit_s, 2)
+                except subprocess.TimeoutExpired as e:
+                    out = e.stdout.decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
+                    row = _cut_off_row(out, args.child_timeout)
+                row = dict(dict(shape=shape, method=method, frames=n), **row)
                 row["wall_s"] = round(time.perf_counter() - t0, 1)
                 print(json.dumps({k: v for k, v in row.items() if k != "profile"}), flush=True)
-                rows.append(row)
-    command = "infmllm-bench real-size " + " ".join(argv if argv is not None else sys.argv[1:])
-    result = dict(bench="real-size", kind="real_size", command=command.strip(), machine=machine(),
-                  machine_note="shared 2-core AMD EPYC, 24 GiB, no GPU",
-                  commit=git_commit(), bandwidth_gb_s=round(bandwidth, 2), args={k: v for k, v in vars(args).items()
-                                                                                 if k not in ("out",)}, rows=rows)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
+                result["rows"].append(row)
+                args.out.write_text(json.dumps(result, indent=1, default=str) + "\n")  # a cut run keeps its rows
+    result["complete"] = True
+    result["load_avg_end"] = round(os.getloadavg()[0], 2)
     args.out.write_text(json.dumps(result, indent=1, default=str) + "\n")
     print(f"wrote {args.out}")
     return 0
@@ -341,40 +412,112 @@ if __name__ == "__main__":
 
 def markdown(res: dict) -> str:
     a = res["args"]
-    lines = [f"Machine: {res.get('machine_note', '')}; copy bandwidth {res['bandwidth_gb_s']} GB/s. Random weights "
+    run_s = f"{sum(r.get('wall_s', 0) for r in res['rows']) / 60:.0f} min"
+    load = f", load average {res['machine'].get('load_avg_1min')} at the start"
+    if res.get("load_avg_end") is not None:
+        load += f", {res['load_avg_end']} at the end"
+    note = _machine_note(res["machine"], res.get("memory_gib"))
+    lines = [f"Machine: {note}; copy bandwidth {res['bandwidth_gb_s']} GB/s. Random weights "
              f"at the published widths, {a['text_layers']} text / {a['vision_layers']} vision layers (cut), "
              f"fp32, 640x480 frames, session budget {a['budget']} tokens, re-prefill keeps the last {a['k_frames']} "
              f"frames, {a['questions']} questions per stream, {a['new_tokens']} new tokens each, torch threads "
-             f"{a['threads']}. Stream lengths {a['frames']} (the issue asks 8, 32, 128: hours on this machine). "
+             f"{a['threads']}. Stream lengths {a['frames']} frames, all in one run ({run_s}{load}). "
              "Observe = vision + prefill (the re-prefill baseline does its vision and prefill inside the question). "
-             "Peak = the run's own process VmHWM (rows without it used ru_maxrss, which held the parent's 2 GiB "
-             "bandwidth buffers: shown as n/a). Bandwidth limit = (decode-read weight bytes + kept KV "
+             "Peak = the run's own process VmHWM, reset after building the model where the row says so (peak "
+             "source) so that random init's transient copy is not counted; + = above the RSS right after building. "
+             "Bandwidth limit = (decode-read weight bytes + kept KV "
              "bytes) / copy bandwidth.", "",
              "| shape | method | frames | observe ms (vision + prefill) | decode ms/token | question ms | peak RSS MiB "
              "| kept tokens | decode / bandwidth limit |", "|---|---|---|---|---|---|---|---|---|"]
     for r in res["rows"]:
+        if "frames_done" in r:  # cut off by --child-timeout: what it had measured
+            lines.append(f"| {r['shape']} | {r['method']} | {r['frames']} | cut off after {r['wall_s']:.0f} s at "
+                         f"{r['frames_done']} frames: observe median {r['observe_ms_so_far']:.0f}, last "
+                         f"{r['last_observe_ms']:.0f} ({r['last_vision_ms']:.0f} vision) |||||")
+            continue
         if "error" in r:
             lines.append(f"| {r['shape']} | {r['method']} | {r['frames']} | failed: {r['error'][-120:]!r} |||||")
             continue
         peak = r["peak_rss_mib"] if r.get("peak_rss_source") else "n/a"
+        if r.get("rss_after_build_mib") and r.get("peak_rss_source") == "VmHWM after build":
+            peak = f"{r['peak_rss_mib']:.0f} (+{r['peak_rss_mib'] - r['rss_after_build_mib']:.0f})"
+        if r["method"] == "reprefill_last_k":  # its vision and prefill happen inside each question
+            lines.append(f"| {r['shape']} | {r['method']} | {r['frames']} | in the question | "
+                         f"{r['decode_ms_per_token']:.1f} | {r['question_ms']:.0f} | {peak} | {r['kept_tokens']} | "
+                         f"{r['decode_over_limit']:.2f} |")
+            continue
         lines.append(f"| {r['shape']} | {r['method']} | {r['frames']} | {r['observe_ms']:.0f} ({r['vision_ms']:.0f} + "
                      f"{r['prefill_ms']:.0f}) | {r['decode_ms_per_token']:.1f} | {r['question_ms']:.0f} | "
                      f"{peak} | {r['kept_tokens']} | {r['decode_over_limit']:.2f} |")
-    lines += ["", "Notes. The session downscales frames to its frame bounds (Qwen2-VL 208 tokens per frame), the plain "
-              "baselines feed the processor's default size (about 390); the plain Qwen2-VL DynamicCache run passes no "
-              "M-RoPE positions, so its outputs are not exact (its timing and memory are). Decode / bandwidth limit "
-              "below 1 means the copy bandwidth (read + write) understates what a read-only matmul gets. Each figure "
-              "is a median over 2 questions on a machine shared with other jobs: single outliers (smolvlm saddle "
-              "12 frames, 78.7 ms/token against 25.8 for streaming_llm) are scheduling noise until rerun. Beyond the "
-              "matmuls: a decode step is >98 % aten::mm (attention 0.3-0.7 ms); an evicting observe spends its time "
-              "in the vision tower and prefill matmuls, the eviction itself (copy_, index_put_) is a few ms. The "
-              "biggest overhead found was outside our code: 2 torch threads on this shared 2-core machine made a "
-              "decode step 130 ms against 37 ms with 1 thread, hence --threads 1."]
+    lines += ["", _notes(res)]
     for r in res["rows"]:
         for name, ops in (r.get("profile") or {}).items():
             lines += ["", f"Profile, {r['shape']} {r['method']} {r['frames']} frames, {name} (top ops, self CPU):",
                       ", ".join(f"{o['op']} {o['self_ms']:.1f} ms x{o['calls']}" for o in ops[:8])]
     return "\n".join(lines)
+
+
+def _notes(res: dict) -> str:
+    """The Notes paragraph: the figures it quotes are computed from the rows, so it stays true on a rerun."""
+    ok = [r for r in res["rows"] if "error" not in r]
+    out = ["Notes."]
+    per_frame = {r["shape"]: r["tokens_per_frame"] for r in ok if r.get("tokens_per_frame")}
+    if per_frame:
+        out.append("The session downscales frames to its frame bounds (" + ", ".join(
+            f"{k} {v} tokens per frame" for k, v in sorted(per_frame.items())) + "); the plain baselines feed the "
+            "processor's default size (Qwen2-VL about 390 image tokens for 640x480) plus a chat turn per frame.")
+    kept = [r["kept_tokens"] for r in ok if r["method"] in ("saddle", "streaming_llm")]
+    if kept:
+        out.append(f"The session keeps {min(kept)}-{max(kept)} tokens at every stream length (budget "
+                   f"{res['args']['budget']} + the newest chunk).")
+    for shape in sorted({r["shape"] for r in res["rows"]}):
+        dyn = sorted((r["frames"], r) for r in ok if r["shape"] == shape and r["method"] == "dynamic_cache")
+        ses = sorted((r["frames"], r) for r in ok if r["shape"] == shape and r["method"] == "streaming_llm")
+        if len(dyn) >= 2:
+            (f0, a), (f1, b) = dyn[0], dyn[-1]
+            line = (f"{shape}: DynamicCache keeps everything, {a['kept_tokens']} tokens at {f0} frames and "
+                    f"{b['kept_tokens']} at {f1}; its observe median goes {a['observe_ms']:.0f} -> "
+                    f"{b['observe_ms']:.0f} ms per frame")
+            if ses:
+                line += (f" (the session's: {ses[0][1]['observe_ms']:.0f} -> {ses[-1][1]['observe_ms']:.0f})")
+            out.append(line + ".")
+        for r in res["rows"]:
+            if r["shape"] == shape and "frames_done" in r:
+                out.append(f"{shape} {r['method']} at {r['frames']} frames was cut off after {r['wall_s']:.0f} s "
+                           f"(--child-timeout) with {r['frames_done']} frames observed; its last frame took "
+                           f"{r['last_observe_ms']:.0f} ms ({r['last_vision_ms']:.0f} of them vision), so the rest "
+                           "is prefill against the growing cache.")
+        rep = [r["question_ms"] for r in ok if r["shape"] == shape and r["method"] == "reprefill_last_k"]
+        sq = [r["question_ms"] for r in ok if r["shape"] == shape and r["method"] in ("saddle", "streaming_llm")]
+        if rep and sq:
+            out.append(f"{shape}: re-prefilling the last {res['args']['k_frames']} frames costs "
+                       f"{min(rep):.0f}-{max(rep):.0f} ms per question against {min(sq):.0f}-{max(sq):.0f} for the "
+                       "session.")
+    pairs = {}
+    for r in ok:
+        if r["method"] in ("saddle", "streaming_llm"):
+            pairs.setdefault((r["shape"], r["frames"]), {})[r["method"]] = r["observe_ms"]
+    ratios = [max(v.values()) / min(v.values()) for v in pairs.values() if len(v) == 2 and min(v.values()) > 0]
+    if ratios:
+        out.append(f"Noise: saddle and streaming_llm do the same work per frame (same model, same frames, same "
+                   f"budget), yet their observe medians differ by up to {max(ratios):.1f}x here: that is this "
+                   "shared machine's scheduling noise, and any difference below it means nothing.")
+    out.append("The plain Qwen2-VL DynamicCache run passes no M-RoPE positions, so its outputs are not exact (its "
+               "timing and memory are). Decode / bandwidth limit below 1 means the copy bandwidth (read + write) "
+               "understates what a read-only matmul gets.")
+    prof = [(r, name, ops) for r in ok for name, ops in (r.get("profile") or {}).items()]
+    for r, name, ops in prof:
+        total = sum(o["self_ms"] for o in ops) or 1.0
+        mm = sum(o["self_ms"] for o in ops if o["op"] in ("aten::mm", "aten::addmm", "aten::matmul", "aten::bmm"))
+        rest = [o for o in ops if o["op"] not in ("aten::mm", "aten::addmm", "aten::matmul", "aten::bmm")][:3]
+        out.append(f"Profile {r['shape']} {name}: matmuls {100 * mm / total:.0f} % of the listed self time; next "
+                   + ", ".join(f"{o['op']} {o['self_ms']:.1f} ms" for o in rest) + ".")
+    out.append("Beyond the matmuls: in an evicting observe the largest items are the vision tower's own "
+               "(transformers' attention and transposed copies, aten::copy_ on [1, 1024, 768] at SmolVLM's 512x512, "
+               "about 16 of 250 ms); the eviction's own ops (index, index_put_, cat on the kept KV) are a few ms at "
+               "most. The biggest overhead found was outside our code: 2 torch threads on a shared 2-core machine made "
+               "a decode step 130 ms against 37 ms with 1 thread (an earlier run, on an AMD EPYC), hence --threads 1.")
+    return " ".join(out)
 
 
 def plot(res: dict, png) -> None:
@@ -384,7 +527,7 @@ def plot(res: dict, png) -> None:
     import matplotlib.pyplot as plt
 
     shapes = sorted({r["shape"] for r in res["rows"]})
-    fig, axes = plt.subplots(len(shapes), 2, figsize=(10, 3.4 * len(shapes)), squeeze=False)
+    fig, axes = plt.subplots(len(shapes), 3, figsize=(14, 3.4 * len(shapes)), squeeze=False)
     for row, shape in zip(axes, shapes, strict=True):
         for method in METHODS:
             pts = sorted((r["frames"], r) for r in res["rows"] if r["shape"] == shape and r["method"] == method
@@ -392,9 +535,17 @@ def plot(res: dict, png) -> None:
             if pts:
                 row[0].plot([f for f, _ in pts], [r["question_ms"] for _, r in pts], "o-", label=method)
                 row[1].plot([f for f, _ in pts], [r["decode_ms_per_token"] for _, r in pts], "o-", label=method)
+                if method != "reprefill_last_k":  # its vision + prefill are inside the question
+                    row[2].plot([f for f, _ in pts], [r["observe_ms"] for _, r in pts], "o-", label=method)
+            cut = [r for r in res["rows"] if r["shape"] == shape and r["method"] == method and "frames_done" in r]
+            for r in cut:  # a run cut off by --child-timeout: its median so far, marked
+                row[2].plot([r["frames"]], [r["observe_ms_so_far"]], "x", color="k",
+                            label=f"{method} cut off at {r['frames_done']} frames")
         row[0].set_title(f"{shape}: latency per question (ms)")
         row[1].set_title(f"{shape}: decode ms per token")
+        row[2].set_title(f"{shape}: observe ms per frame (median)")
         for ax in row:
+            ax.set_xscale("log", base=2)
             ax.set_xlabel("frames seen")
             ax.legend(fontsize=7)
     fig.tight_layout()
