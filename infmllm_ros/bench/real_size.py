@@ -417,8 +417,12 @@ def markdown(res: dict) -> str:
     if res.get("load_avg_end") is not None:
         load += f", {res['load_avg_end']} at the end"
     note = _machine_note(res["machine"], res.get("memory_gib"))
+    shapes = [SHAPES[n] for n in {r["shape"] for r in res["rows"]} if n in SHAPES]
+    full = all(a["text_layers"] >= sh["text"]["num_hidden_layers"] and a["vision_layers"] >=
+               sh["vision"].get("num_hidden_layers", sh["vision"].get("depth", 0)) for sh in shapes)
+    depth = "the published depth" if full else "cut"
     lines = [f"Machine: {note}; copy bandwidth {res['bandwidth_gb_s']} GB/s. Random weights "
-             f"at the published widths, {a['text_layers']} text / {a['vision_layers']} vision layers (cut), "
+             f"at the published widths, {a['text_layers']} text / {a['vision_layers']} vision layers ({depth}), "
              f"fp32, 640x480 frames, session budget {a['budget']} tokens, re-prefill keeps the last {a['k_frames']} "
              f"frames, {a['questions']} questions per stream, {a['new_tokens']} new tokens each, torch threads "
              f"{a['threads']}. Stream lengths {a['frames']} frames, all in one run ({run_s}{load}). "
@@ -500,7 +504,7 @@ def _notes(res: dict) -> str:
     ratios = [max(v.values()) / min(v.values()) for v in pairs.values() if len(v) == 2 and min(v.values()) > 0]
     if ratios:
         out.append(f"Noise: saddle and streaming_llm do the same work per frame (same model, same frames, same "
-                   f"budget), yet their observe medians differ by up to {max(ratios):.1f}x here: that is this "
+                   f"budget), yet their observe medians differ by up to {100 * (max(ratios) - 1):.0f} % here: that is this "
                    "shared machine's scheduling noise, and any difference below it means nothing.")
     out.append("The plain Qwen2-VL DynamicCache run passes no M-RoPE positions, so its outputs are not exact (its "
                "timing and memory are). Decode / bandwidth limit below 1 means the copy bandwidth (read + write) "
