@@ -273,3 +273,39 @@ def test_probe_with_an_inserted_frame_matches_the_real_recall_and_rolls_back(fam
     assert s.recall.last["frames"] == 1, "nothing was recalled: the test would prove nothing"
     assert seen["logits"].shape == (3, a.logits.shape[-1])
     assert (seen["logits"][0] - a.logits[0]).abs().max().item() < ATOL
+
+
+def test_caption_ranking_picks_the_most_recent_matching_frame_not_held(tmp_path):
+    """Ranking by construction: captions set by hand (the tiny random model's own captions are noise); the question
+    names "red cube": of the frames not held, the newest whose caption shares the most words with it is picked,
+    never a held one, never the newer frame with a different object."""
+    from infmllm_ros.engine.adapters import Chunk
+    from infmllm_ros.memory import recall as recall_mod
+
+    model, proc = get_tiny("llava_llama")
+    cfg = CacheConfig(policy="saddle", budget=40, recent=8, max_chunk=256, max_new_tokens=6)
+    s = make_session(model, proc, cfg, recall_frames=1, archive_dir=str(tmp_path))
+    for i in range(8):
+        s.observe(frame(i), 50.0 + i)
+    rec = s.recall
+    ids = list(rec.archive.frames)
+    held = rec.held_fraction(s.cache, ids).tolist()
+    free = [f for f, h in zip(ids, held, strict=True) if h < recall_mod.HELD_FRACTION]
+    held_ids = [f for f, h in zip(ids, held, strict=True) if h >= recall_mod.HELD_FRACTION]
+    assert len(free) >= 4 and held_ids, "the stream must leave frames held and frames out of the cache"
+    captions = {f: "a blue ball" for f in ids}
+    captions[free[0]] = captions[free[2]] = "a red cube"  # the answer: free[2] (newer than free[0])
+    captions[free[1]] = "a red ball"  # one word shared only
+    captions[free[3]] = "a green cone"  # newest free frame, other object
+    for f in held_ids:
+        captions[f] = "a red cube"  # held: in view already, never recalled
+    rec.captions = {f: recall_mod._words(t) for f, t in captions.items()}
+    q = s.adapter.encode_user("where did you last see the red cube?")
+    chunk = Chunk(ids=torch.tensor([q]), mm_token_type_ids=torch.zeros(1, len(q), dtype=torch.long))
+    n_layers, heads, _cap, d = s.cache.keys.shape
+    queries, positions = torch.randn(n_layers, 3 * heads, len(q), d), torch.arange(len(q))
+    rec._question = (s, chunk, len(q))
+    assert rec.choose(s.cache, queries, positions) == [free[2]]
+    captions[free[2]] = "a blue cube"
+    rec.captions = {f: recall_mod._words(t) for f, t in captions.items()}
+    assert rec.choose(s.cache, queries, positions) == [free[0]]
