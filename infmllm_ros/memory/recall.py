@@ -11,9 +11,17 @@ Question time (`FrameRecall.before_question`, from `StreamingSession.ask`):
    the cache is rolled back (stored / seen / scored / next_position / chunk count / scores restored; the slots the
    probe wrote beyond `stored` are overwritten later). Cost: one question prefill over the held cache; no cheaper
    source of the question's queries exists before the question is in the cache.
-2. Rank: `FrameArchive.score` (max over the question's queries of q . representative key, mean over layers and
-   heads). Frames whose tokens the cache still holds (at least HELD_FRACTION of their (layer, head, token) slots,
-   from the stream indices) are skipped; the best `recall_frames` others that fit the reserved slots are taken.
+2. Rank (`choose`): among the frames whose tokens the cache does not still hold (a frame with at least
+   HELD_FRACTION of its (layer, head, token) slots held is in view already), the most words shared by the question
+   and the frame's caption first, then the newest (past questions ask where / how the object was LAST seen). A
+   frame's caption is the model's own greedy answer to CAPTION_PROMPT with the frame inserted right before it (read
+   as the current view), made the first time the frame is a candidate and kept (`caption`): one prompt prefill +
+   CAPTION_STEPS - 1 decode steps per archived frame over the held cache, rolled back (probe_forward). Captions are
+   not in the snapshot state; after a restore they are made again. Rules that failed (evidence frame ranked first,
+   past questions beyond the window): FrameArchive.score (query . representative key) 2/66 (seeds 0-7) and 6/70
+   (16-23); the answer's confidence (first-token or sequence log-prob, entropy) with each frame inserted 0-5/70;
+   single (layer, head) query-key scores at most 12/70 (AUC for "frame shows the object" <= 0.72); the caption
+   rule 23/70 (16-23).
 3. Insert, oldest first, into the slots right after the held tokens. Keys stay as archived (rotated at their
    original position p0); the slot's offset = new - p0 (rotate-on-read; one shift for every M-RoPE row, so the
    frame's t/h/w layout is kept). Positions (`placement`): "past" (default): just before the oldest held token, so
