@@ -11,9 +11,17 @@ Question time (`FrameRecall.before_question`, from `StreamingSession.ask`):
    the cache is rolled back (stored / seen / scored / next_position / chunk count / scores restored; the slots the
    probe wrote beyond `stored` are overwritten later). Cost: one question prefill over the held cache; no cheaper
    source of the question's queries exists before the question is in the cache.
-2. Rank: `FrameArchive.score` (max over the question's queries of q . representative key, mean over layers and
-   heads). Frames whose tokens the cache still holds (at least HELD_FRACTION of their (layer, head, token) slots,
-   from the stream indices) are skipped; the best `recall_frames` others that fit the reserved slots are taken.
+2. Rank (`choose`): among the frames whose tokens the cache does not still hold (a frame with at least
+   HELD_FRACTION of its (layer, head, token) slots held is in view already), the most words shared by the question
+   and the frame's caption first, then the newest (past questions ask where / how the object was LAST seen). A
+   frame's caption is the model's own greedy answer to CAPTION_PROMPT with the frame inserted right before it (read
+   as the current view), made the first time the frame is a candidate and kept (`caption`): one prompt prefill +
+   CAPTION_STEPS - 1 decode steps per archived frame over the held cache, rolled back (probe_forward). Captions are
+   not in the snapshot state; after a restore they are made again. Rules that failed (evidence frame ranked first,
+   past questions beyond the window): FrameArchive.score (query . representative key) 2/66 (seeds 0-7) and 6/70
+   (16-23); the answer's confidence (first-token or sequence log-prob, entropy) with each frame inserted 0-5/70;
+   single (layer, head) query-key scores at most 12/70 (AUC for "frame shows the object" <= 0.72); the caption
+   rule 23/70 (16-23).
 3. Insert, oldest first, into the slots right after the held tokens. Keys stay as archived (rotated at their
    original position p0); the slot's offset = new - p0 (rotate-on-read; one shift for every M-RoPE row, so the
    frame's t/h/w layout is kept). Positions (`placement`): "past" (default): just before the oldest held token, so
@@ -49,6 +57,9 @@ from infmllm_ros.memory.archive import FrameArchive
 
 PLACEMENTS = ("question", "past")
 REP_TOKENS = 4  # representative keys per frame, layer and KV head in the index (archive.py: why)
+CAPTION_PROMPT = "what is in front of you?"  # the robot VLM's own description of its current view (world.py)
+CAPTION_STEPS = 4  # greedy tokens of a caption ("a red cube" + end)
+STOP_WORDS = frozenset({"a", "an", "the"})
 HELD_FRACTION = 0.5  # a frame the cache still holds at least half of is not recalled (it is in view already)
 DEFAULT_ARCHIVE_MB = 256.0
 # the cache's stacked per-slot tensors, [layers, H, cap, ...]: what a slot move must carry
@@ -64,14 +75,14 @@ class FrameRecall:
     """The session's long-term memory: a FrameArchive filled at prefill, recalled into reserved cache slots."""
 
     def __init__(self, cache, recall_frames: int, recall_slots: int, archive_mb: float = DEFAULT_ARCHIVE_MB,
-                 archive_dir: str | None = None, placement: str = "past"):
+                 archive_dir: str | None = None, placement: str = "past", caption_prompt: str = CAPTION_PROMPT):
         if recall_frames < 1:
             raise ValueError(f"recall_frames must be >= 1 to recall, got {recall_frames}")
         if not archive_mb > 0:
             raise ValueError(f"memory.archive_mb must be > 0, got {archive_mb}")
         if placement not in PLACEMENTS:
             raise ValueError(f"recall placement must be one of {PLACEMENTS}, got {placement!r}")
-        self.placement = placement
+        self.placement, self.caption_prompt = placement, caption_prompt
         self.recall_frames, self.recall_slots = int(recall_frames), int(recall_slots)
         self.max_bytes = int(archive_mb * 2**20)
         self.dir = os.path.expanduser(archive_dir) if archive_dir else default_archive_dir()
@@ -85,6 +96,8 @@ class FrameRecall:
         """A new stream: a fresh archive (its folder cleared), nothing recalled."""
         self.archive = FrameArchive(self.dir, self.max_bytes, **self.shape)
         self.ranges: dict[int, tuple[int, int]] = {}  # frame_id -> stream index range [start, end)
+        self.captions: dict[int, frozenset[str]] = {}  # frame_id -> the caption's words (made at its first ranking)
+        self._question = None  # (session, chunk, question_tokens) while before_question ranks
         self.active: tuple[int, int] | None = None  # (first recalled slot, count) while a question holds them
         self.last = dict(frames=0, tokens=0, bytes_read=0, seconds=0.0, stamps=[])
         self.recalls = 0
@@ -103,6 +116,7 @@ class FrameRecall:
             self.ranges[frame_id] = (frame_id, seen)
         for gone in [f for f in self.ranges if f not in self.archive.frames]:
             del self.ranges[gone]  # thinned out (or damaged)
+            self.captions.pop(gone, None)
         return ok
 
     # ---- question ------------------------------------------------------------------------------------------------
@@ -125,21 +139,59 @@ class FrameRecall:
         return frac
 
     def choose(self, cache, queries: torch.Tensor, query_positions: torch.Tensor) -> list[int]:
-        """Frame ids to recall: best score first among the frames not held, as many as fit recall_frames / slots."""
+        """Frame ids to recall among the frames not held, as many as fit recall_frames / slots: most words shared by
+        the question and the frame's caption first, then the most recent (see `caption`); without the question's
+        chunk (a direct call) by FrameArchive.score."""
         ids, scores = self.archive.score(queries, query_positions=query_positions)
         if not ids:
             return []
         held = self.held_fraction(cache, ids)
+        free = [i for i in range(len(ids)) if held[i] < HELD_FRACTION]
+        if self._question is not None:
+            session, chunk, question_tokens = self._question
+            words = _words(session.tokenizer.decode(chunk.ids[0, -question_tokens:].tolist(),
+                                                    skip_special_tokens=True))
+            overlap = {i: len(words & self.caption(session, chunk, question_tokens, ids[i])) for i in free}
+            order = sorted(free, key=lambda i: (overlap[i], ids[i]), reverse=True)
+        else:
+            order = [i for i in torch.argsort(scores, descending=True, stable=True).tolist() if i in set(free)]
         picked, slots = [], 0
-        for i in torch.argsort(scores, descending=True, stable=True).tolist():
+        for i in order:
             if len(picked) == self.recall_frames:
                 break
             n = self.archive.frames[ids[i]].n
-            if held[i] >= HELD_FRACTION or slots + n > self.recall_slots:
+            if slots + n > self.recall_slots:
                 continue
             picked.append(ids[i])
             slots += n
         return picked
+
+    def caption(self, session, chunk, question_tokens: int, frame_id: int) -> frozenset[str]:
+        """The words of the model's answer to `caption_prompt` with the archived frame inserted right before the
+        prompt (where the model reads it as its current view), over the held cache; one probe of CAPTION_STEPS
+        greedy tokens, rolled back, made once per frame and kept. Why: matching the question's queries against the
+        frames' keys found the frame a past question asks about in 2 of 66 questions (seeds 0-7), the model's
+        confidence in its answer with each frame inserted in 5 of 70 (seeds 16-23); the model's own caption names
+        the frame's objects well enough for word overlap with the question (13 of 35, seeds 16-19: docs/bench/
+        recall_archive.md)."""
+        if frame_id in self.captions:
+            return self.captions[frame_id]
+        kv = self.archive.get(frame_id)
+        if kv is None:
+            return frozenset()
+        adapter = session.adapter
+        open_, close_ = adapter.question_wrap()
+        prompt = adapter.encode(open_) + adapter.encode_user(self.caption_prompt) + adapter.encode(close_)
+        pending = chunk.ids[:, :chunk.ids.shape[1] - question_tokens]  # the previous turn's closing tokens
+        ids = torch.cat([pending, torch.tensor([prompt], dtype=torch.long)], 1)
+        probe = type(chunk)(ids=ids, mm_token_type_ids=torch.zeros_like(ids))
+        _q, _p, logits = probe_forward(session, probe, len(prompt), frames=[kv], before_held=False, capture=False,
+                                       steps=CAPTION_STEPS)
+        tokens = logits.argmax(-1).tolist()
+        eos = getattr(session, "eos_ids", set())
+        cut = next((k for k, t in enumerate(tokens) if t in eos), len(tokens))
+        self.captions[frame_id] = _words(session.tokenizer.decode(tokens[:cut], skip_special_tokens=True))
+        return self.captions[frame_id]
 
     def before_question(self, session, chunk, question_tokens: int) -> int:
         """Probe the question, pick frames, insert them. Returns the number of recalled tokens (0: none)."""
@@ -149,7 +201,11 @@ class FrameRecall:
         if not self.archive.frames:
             return 0
         queries, positions = probe_queries(session, chunk, question_tokens)
-        picked = sorted(self.choose(cache, queries, positions))  # oldest first: their order in time is kept
+        self._question = (session, chunk, question_tokens)
+        try:
+            picked = sorted(self.choose(cache, queries, positions))  # oldest first: their order in time is kept
+        finally:
+            self._question = None
         got = []
         for f in picked:
             kv = self.archive.get(f, dtype=cache.keys.dtype)
@@ -184,11 +240,26 @@ class FrameRecall:
         return dict(archive=self.archive.stats(), recalls=self.recalls, last_recall=dict(self.last))
 
 
+def _words(text: str) -> frozenset[str]:
+    return frozenset(w.strip("?.,!:;\"'") for w in text.lower().split()) - STOP_WORDS - {""}
+
+
 # ---- cache operations (on the cache's stacked tensors; the cache itself is not changed) ---------------------------
 def probe_queries(session, chunk, question_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The question's queries [layers, q_heads, question_tokens, D] (rotated at their positions) and those positions
     [question_tokens] (text: every M-RoPE row equal), from one forward of the question chunk that is then rolled
     back: the cache is left as it was (slots past `stored` are free)."""
+    queries, positions, _logits = probe_forward(session, chunk, question_tokens)
+    return queries, positions
+
+
+def probe_forward(session, chunk, question_tokens: int, frames=(), before_held: bool = True, capture: bool = True,
+                  steps: int = 1):
+    """One forward of the question chunk over the held cache (plus `frames`, archived (keys, values, positions),
+    inserted first as `insert_frames` does), then everything rolled back: the cache's state and its slots
+    [0, stored) are left bit-identical (slots past `stored` are free). Returns (queries [layers, q_heads,
+    question_tokens, D] or None without capture, question positions [question_tokens], logits [steps, vocab] fp32
+    of the first `steps` greedy answer tokens (steps > 1: the greedy tokens are fed, then rolled back too))."""
     cache = session.cache
     n = cache.stored
     saved = dict(stored=[la.stored for la in cache.layers], seen=[la.seen for la in cache.layers],
@@ -197,26 +268,40 @@ def probe_queries(session, chunk, question_tokens: int) -> tuple[torch.Tensor, t
                  window=cache.window[..., :n].clone(), accumulated=cache.accumulated[..., :n].clone())
     captured: dict[int, torch.Tensor] = {}
 
-    def capture(layer_idx, query, key, scale):
+    def hook(layer_idx, query, key, scale):
         captured[layer_idx] = query[0, :, -question_tokens:].detach().float().cpu()
 
-    ids = chunk.ids.to(session.device)
-    pos = session.adapter.positions(chunk, cache.next_position)
-    kwargs = {k: v.to(session.device) for k, v in chunk.model_kwargs.items() if isinstance(v, torch.Tensor)}
-    previous, cache.attention_probe = getattr(cache, "attention_probe", None), capture
+    previous = getattr(cache, "attention_probe", None)
+    inserted = 0
     try:
-        session._forward(ids, pos.to(session.device), prefill=True, **kwargs)
+        inserted = insert_frames(cache, list(frames), before_held=before_held) if frames else 0
+        ids = chunk.ids.to(session.device)
+        pos = session.adapter.positions(chunk, cache.next_position)
+        kwargs = {k: v.to(session.device) for k, v in chunk.model_kwargs.items() if isinstance(v, torch.Tensor)}
+        if capture:
+            cache.attention_probe = hook
+        out = [session._forward(ids, pos.to(session.device), prefill=True, **kwargs).float().cpu()]
+        cache.attention_probe = previous
+        for _ in range(steps - 1):
+            tok = torch.tensor([[int(out[-1].argmax())]], dtype=torch.long, device=session.device)
+            step_pos = session.adapter.decode_positions(cache.next_position, session.device)
+            out.append(session._forward(tok, step_pos, prefill=False).float().cpu())
+        logits = torch.stack(out)
     finally:
         cache.attention_probe = previous
         for la, st, se, sc in zip(cache.layers, saved["stored"], saved["seen"], saved["scored"], strict=True):
             la.stored, la.seen, la.scored = st, se, sc
-        for name in ("next_position", "chunks", "decoded", "prefill", "turned"):
+        for name in ("next_position", "chunks", "decoded", "prefill"):
             setattr(cache, name, saved[name])
         cache.window[..., :n] = saved["window"]
         cache.accumulated[..., :n] = saved["accumulated"]
         cache._pending = None
+        if inserted:
+            _keys_changed(cache)  # the read copy held the inserted keys: rebuilt from keys + offset at the next read
+        cache.turned = saved["turned"]
     positions = pos.reshape(-1, pos.shape[-1])[0, -question_tokens:].cpu()
-    return torch.stack([captured[i] for i in range(len(cache.layers))]), positions
+    queries = torch.stack([captured[i] for i in range(len(cache.layers))]) if capture else None
+    return queries, positions, logits
 
 
 def insert_frames(cache, frames, before_held: bool = False) -> int:

@@ -233,3 +233,79 @@ def test_node_parameters_reach_the_session(tmp_path, monkeypatch):
     model, proc = get_tiny("llava_llama")
     s = make_session(model, proc, CacheConfig(budget=64, recent=8, max_new_tokens=4), **got)
     assert s.archive is not None and os.path.isdir(got["archive_dir"]) and s.archive.max_bytes == 8 * 2**20
+
+
+@pytest.mark.parametrize("family", ["llava_llama", "qwen2_vl"])
+def test_probe_with_an_inserted_frame_matches_the_real_recall_and_rolls_back(family, tmp_path):
+    """probe_forward (the machinery a re-ranking would run once per candidate frame): with archived frame F inserted,
+    its first-token logits equal the session's real answer when recall picks F (oracle: the session's own recall
+    path + prefill), and it leaves every stored slot and the cache's state bit-identical, also after decode steps."""
+    from infmllm_ros.memory import recall as recall_mod
+
+    model, proc = get_tiny(family)
+    cfg = CacheConfig(policy="saddle", budget=40, recent=8, max_chunk=256, max_new_tokens=6, positions="absolute")
+    s = make_session(model, proc, cfg, recall_frames=1, archive_dir=str(tmp_path))
+    for i in range(8):
+        s.observe(frame(i), 50.0 + i)
+    recall, seen = s.recall, {}
+    before_question = recall.before_question
+
+    def probing(session, chunk, q_tokens):
+        c = session.cache
+        ids = list(recall.archive.frames)
+        held = recall.held_fraction(c, ids)
+        target = next(f for f, h in zip(ids, held.tolist(), strict=True) if h < recall_mod.HELD_FRACTION)
+        state = lambda: ([(la.stored, la.seen, la.scored) for la in c.layers], c.next_position, c.chunks,  # noqa: E731
+                         c.decoded, c.prefill, c.turned,
+                         [getattr(c, t)[:, :, :c.stored].clone() for t in recall_mod.SLOT_TENSORS])
+        before = state()
+        _q, _p, logits = recall_mod.probe_forward(session, chunk, q_tokens, frames=[recall.archive.get(target)],
+                                                  steps=3)
+        after = state()
+        assert after[:6] == before[:6]
+        assert all(torch.equal(x, y) for x, y in zip(after[6], before[6], strict=True))
+        seen.update(target=target, logits=logits)
+        recall.choose = lambda *_a: [target]
+        return before_question(session, chunk, q_tokens)
+
+    recall.before_question = probing
+    a = s.ask("What did you see first?", max_new_tokens=3, output_logits=True)
+    assert s.recall.last["frames"] == 1, "nothing was recalled: the test would prove nothing"
+    assert seen["logits"].shape == (3, a.logits.shape[-1])
+    assert (seen["logits"][0] - a.logits[0]).abs().max().item() < ATOL
+
+
+def test_caption_ranking_picks_the_most_recent_matching_frame_not_held(tmp_path):
+    """Ranking by construction: captions set by hand (the tiny random model's own captions are noise); the question
+    names "red cube": of the frames not held, the newest whose caption shares the most words with it is picked,
+    never a held one, never the newer frame with a different object."""
+    from infmllm_ros.engine.adapters import Chunk
+    from infmllm_ros.memory import recall as recall_mod
+
+    model, proc = get_tiny("llava_llama")
+    cfg = CacheConfig(policy="saddle", budget=40, recent=8, max_chunk=256, max_new_tokens=6)
+    s = make_session(model, proc, cfg, recall_frames=1, archive_dir=str(tmp_path))
+    for i in range(8):
+        s.observe(frame(i), 50.0 + i)
+    rec = s.recall
+    ids = list(rec.archive.frames)
+    held = rec.held_fraction(s.cache, ids).tolist()
+    free = [f for f, h in zip(ids, held, strict=True) if h < recall_mod.HELD_FRACTION]
+    held_ids = [f for f, h in zip(ids, held, strict=True) if h >= recall_mod.HELD_FRACTION]
+    assert len(free) >= 4 and held_ids, "the stream must leave frames held and frames out of the cache"
+    captions = {f: "a blue ball" for f in ids}
+    captions[free[0]] = captions[free[2]] = "a red cube"  # the answer: free[2] (newer than free[0])
+    captions[free[1]] = "a red ball"  # one word shared only
+    captions[free[3]] = "a green cone"  # newest free frame, other object
+    for f in held_ids:
+        captions[f] = "a red cube"  # held: in view already, never recalled
+    rec.captions = {f: recall_mod._words(t) for f, t in captions.items()}
+    q = s.adapter.encode_user("where did you last see the red cube?")
+    chunk = Chunk(ids=torch.tensor([q]), mm_token_type_ids=torch.zeros(1, len(q), dtype=torch.long))
+    n_layers, heads, _cap, d = s.cache.keys.shape
+    queries, positions = torch.randn(n_layers, 3 * heads, len(q), d), torch.arange(len(q))
+    rec._question = (s, chunk, len(q))
+    assert rec.choose(s.cache, queries, positions) == [free[2]]
+    captions[free[2]] = "a blue cube"
+    rec.captions = {f: recall_mod._words(t) for f, t in captions.items()}
+    assert rec.choose(s.cache, queries, positions) == [free[0]]
