@@ -25,21 +25,10 @@ import sys
 import time
 from pathlib import Path
 
+from infmllm_ros.bench import common
 from infmllm_ros.bench.common import DEFAULT_OUT, git_commit, machine
 
 
-def _machine_note(m: dict, memory_gib: float | None = None) -> str:
-    """'shared 2-core <cpu>, 24 GiB, no GPU' from the machine record (the CPU model changes between sessions)."""
-    mem = f", {memory_gib:.0f} GiB" if memory_gib else ""
-    gpu = m["gpu"]["name"] if m.get("gpu") else "no GPU"
-    return f"shared {m.get('cores')}-core {m.get('cpu')}{mem}, {gpu}"
-
-
-def _memory_gib() -> float | None:
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    except (ValueError, OSError, AttributeError):
-        return None
 
 ACTIONS = [
     '{"action": "move", "linear_x": 0.25, "angular_z": -0.5, "duration": 1.0}',
@@ -240,7 +229,7 @@ def main(argv=None):
             rows.append(row)
     result = {"bench": "actions", "kind": "actions", "threads": args.threads,
               "command": "infmllm-bench actions " + " ".join(argv if argv is not None else sys.argv[1:]),
-              "machine": machine(), "memory_gib": round(_memory_gib() or 0, 1),
+              "machine": machine(), "memory_gib": round(common.memory_gib() or 0, 1),
               "commit": git_commit(), "goal_ms_per_action_at_128k": 5.0,
               "load_avg_end": round(os.getloadavg()[0], 2), "rows": rows}
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -259,7 +248,7 @@ def markdown(res: dict) -> str:
     how = ("timed directly around the constraint's work inside the session's masking call (accept, fill the bitmask, "
            "apply it; lm-format-enforcer: list the allowed ids, scatter them)" if direct else
            "the constrained masking minus the unconstrained masking")
-    note = _machine_note(res["machine"], res.get("memory_gib"))
+    note = common.machine_note(res["machine"], res.get("memory_gib"))
     lines = [f"Machine: {note} (load average {res['machine'].get('load_avg_1min')} at the "
              f"start{load_end}, torch threads {res.get('threads', 1)}). Synthetic byte-level BPE vocabularies "
              "(big_vocab.py); per action = the constraint's own work over every token of 5 fixed actions (move, "

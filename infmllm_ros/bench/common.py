@@ -163,3 +163,17 @@ def pick_device(name: str | None = None):
     if name:
         return torch.device(name)
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def machine_note(m: dict, memory_gib: float | None = None) -> str:
+    """'shared 2-core <cpu>, 24 GiB, no GPU' from the machine record (the CPU model changes between sessions)."""
+    mem = f", {memory_gib:.0f} GiB" if memory_gib else ""
+    gpu = m["gpu"]["name"] if m.get("gpu") else "no GPU"
+    return f"shared {m.get('cores')}-core {m.get('cpu')}{mem}, {gpu}"
+
+
+def memory_gib() -> float | None:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    except (ValueError, OSError, AttributeError):
+        return None

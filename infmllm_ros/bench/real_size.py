@@ -23,21 +23,10 @@ import sys
 import time
 from pathlib import Path
 
+from infmllm_ros.bench import common
 from infmllm_ros.bench.common import DEFAULT_OUT, git_commit, machine
 
 
-def _machine_note(m: dict, memory_gib: float | None = None) -> str:
-    """'shared 2-core <cpu>, 24 GiB, no GPU' from the machine record (the CPU model changes between sessions)."""
-    mem = f", {memory_gib:.0f} GiB" if memory_gib else ""
-    gpu = m["gpu"]["name"] if m.get("gpu") else "no GPU"
-    return f"shared {m.get('cores')}-core {m.get('cpu')}{mem}, {gpu}"
-
-
-def _memory_gib() -> float | None:
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    except (ValueError, OSError, AttributeError):
-        return None
 
 # published config.json values (HuggingFaceTB/SmolVLM-256M-Instruct, Qwen/Qwen2-VL-2B-Instruct)
 SHAPES = {
@@ -365,7 +354,7 @@ def main(argv=None):
     print(f"memory bandwidth (copy): {bandwidth:.1f} GB/s", flush=True)
     command = "infmllm-bench real-size " + " ".join(argv if argv is not None else sys.argv[1:])
     result = dict(bench="real-size", kind="real_size", command=command.strip(), machine=machine(),
-                  memory_gib=round(_memory_gib() or 0, 1), commit=git_commit(),
+                  memory_gib=round(common.memory_gib() or 0, 1), commit=git_commit(),
                   bandwidth_gb_s=round(bandwidth, 2), complete=False,
                   args={k: v for k, v in vars(args).items() if k not in ("out",)}, rows=[])
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -416,7 +405,7 @@ def markdown(res: dict) -> str:
     load = f", load average {res['machine'].get('load_avg_1min')} at the start"
     if res.get("load_avg_end") is not None:
         load += f", {res['load_avg_end']} at the end"
-    note = _machine_note(res["machine"], res.get("memory_gib"))
+    note = common.machine_note(res["machine"], res.get("memory_gib"))
     shapes = [SHAPES[n] for n in {r["shape"] for r in res["rows"]} if n in SHAPES]
     full = all(a["text_layers"] >= sh["text"]["num_hidden_layers"] and a["vision_layers"] >=
                sh["vision"].get("num_hidden_layers", sh["vision"].get("depth", 0)) for sh in shapes)
