@@ -28,8 +28,6 @@ from pathlib import Path
 from infmllm_ros.bench import common
 from infmllm_ros.bench.common import DEFAULT_OUT, git_commit, machine
 
-
-
 ACTIONS = [
     '{"action": "move", "linear_x": 0.25, "angular_z": -0.5, "duration": 1.0}',
     '{"action": "look", "pan": 0.3, "tilt": -0.1}',

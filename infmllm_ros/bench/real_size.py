@@ -26,8 +26,6 @@ from pathlib import Path
 from infmllm_ros.bench import common
 from infmllm_ros.bench.common import DEFAULT_OUT, git_commit, machine
 
-
-
 # published config.json values (HuggingFaceTB/SmolVLM-256M-Instruct, Qwen/Qwen2-VL-2B-Instruct)
 SHAPES = {
     "smolvlm_256m": dict(
@@ -493,8 +491,8 @@ def _notes(res: dict) -> str:
     ratios = [max(v.values()) / min(v.values()) for v in pairs.values() if len(v) == 2 and min(v.values()) > 0]
     if ratios:
         out.append(f"Noise: saddle and streaming_llm do the same work per frame (same model, same frames, same "
-                   f"budget), yet their observe medians differ by up to {100 * (max(ratios) - 1):.0f} % here: that is this "
-                   "shared machine's scheduling noise, and any difference below it means nothing.")
+                   f"budget), yet their observe medians differ by up to {100 * (max(ratios) - 1):.0f} % here: that is "
+                   "this shared machine's scheduling noise, and any difference below it means nothing.")
     out.append("The plain Qwen2-VL DynamicCache run passes no M-RoPE positions, so its outputs are not exact (its "
                "timing and memory are). Decode / bandwidth limit below 1 means the copy bandwidth (read + write) "
                "understates what a read-only matmul gets.")

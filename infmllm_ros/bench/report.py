@@ -125,8 +125,8 @@ def render(results: list[tuple[Path, dict]], output: Path) -> str:
         lines += [f"![{path.stem}]({_rel(png, output)})", ""]
     if not any(r["kind"] == "gpu_check" for _, r in results):
         lines += ["## GPU check", "", "`make gpu-check` (kernels on CUDA in fp32/bf16/fp16, a 1M-token stream on a "
-                  "7B-wide random model, decode vs HBM bound, eviction cost at 4 / 16 / 32 layers) has not run yet: no GPU "
-                  "result under this folder.", ""]
+                  "7B-wide random model, decode vs HBM bound, eviction cost at 4 / 16 / 32 layers) has not run yet: "
+                  "no GPU result under this folder.", ""]
     lines += ["## Machines and commits", ""]
     lines += [f"- `{p.name}`: {common.describe_machine(cache_cost_view.full_machine(r['machine']))}; "
               f"commit `{r['commit']}`" for p, r in results]

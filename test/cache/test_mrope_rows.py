@@ -6,12 +6,12 @@ the target positions in fp64, and a fresh forward of the kept tokens at their ne
 import pytest
 import torch
 from cache_helpers import make_cache, qwen2vl_rope, qwen2vl_rope_model
+from infmllm_ros.kernels import rotate_keys_ref
 from transformers import Qwen2VLTextConfig
 from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VLTextModel
 
 from infmllm_ros import attention
 from infmllm_ros.cache.rope import freq_rows_of, inv_freq_from_config, mrope_section_of
-from infmllm_ros.kernels import rotate_keys_ref
 
 
 def _text_config(sections=(8, 12, 12), heads=4, kv_heads=2, layers=1):
