@@ -23,6 +23,9 @@ from infmllm_ros.engine.errors import SnapshotMismatchError
 
 PAGES_INFIX = ".pages-"
 RECALL_FIELDS = ("ranges", "recalls", "last")  # FrameRecall's per-stream bookkeeping (plain data)
+# FrameRecall.captions {frame_id: frozenset of words}, saved as sorted lists (torch.load weights_only takes no sets).
+# Why they travel: a caption is made over the cache as it was when its frame was first ranked; made again after a
+# restore, over another cache, it may name other words and recall another frame than the session that never stopped.
 
 
 def archive_of(session):
@@ -38,6 +41,8 @@ def state(session) -> dict | None:
         return None
     recall = getattr(session, "recall", None)
     extra = {k: getattr(recall, k) for k in RECALL_FIELDS if recall is not None and hasattr(recall, k)}
+    if recall is not None and hasattr(recall, "captions"):
+        extra["captions"] = {int(f): sorted(words) for f, words in recall.captions.items()}
     return {"archive": archive.state(), "recall": extra}
 
 
@@ -101,6 +106,9 @@ def apply(session, memory: dict | None, snapshot_path: str, pages: str | None) -
                 setattr(recall, k, v)
         if hasattr(recall, "ranges"):  # frames the reopened archive lost (damaged pages) cannot be recalled
             recall.ranges = {f: r for f, r in recall.ranges.items() if f in reopened.frames}
+        if hasattr(recall, "captions"):
+            saved = (memory.get("recall") or {}).get("captions") or {}
+            recall.captions = {int(f): frozenset(w) for f, w in saved.items() if int(f) in reopened.frames}
     else:
         session.archive = reopened
 

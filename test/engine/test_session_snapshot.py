@@ -316,15 +316,18 @@ def test_restored_session_with_recall_answers_like_one_that_never_stopped(tiny, 
     expected = _tail(ref)
     saver = make_session(model, proc, CFG, archive_dir=str(tmp_path / "live"), **kw)
     _head(saver)
-    assert saver.archive.stats()["frames"] >= 6 and saver.recall.recalls >= 1
+    assert saver.archive.stats()["frames"] >= 6 and saver.recall.recalls >= 1 and saver.recall.captions
+    saver_captions = dict(saver.recall.captions)
     saver.save(tmp_path / "s.snap")
     del saver
     fresh = make_session(model, proc, CFG, archive_dir=str(tmp_path / "live"), **kw)
     assert fresh.archive.stats()["frames"] == 0
     fresh.restore(tmp_path / "s.snap")
     assert fresh.archive.stats()["damaged"] == 0
+    assert fresh.recall.captions == saver_captions  # made over the cache before the save: not made again
     _same_answers(_tail(fresh), expected)
     assert fresh.recall.recalls == ref.recall.recalls
+    assert fresh.recall.captions == ref.recall.captions
 
 
 def test_save_killed_after_linking_pages_keeps_the_previous_snapshot_and_its_pages(tiny, tmp_path, monkeypatch):
