@@ -305,8 +305,8 @@ def parse(argv):
     p.add_argument("--questions-every", type=int, default=3, help="questions per episode = frames // this")
     p.add_argument("--max-questions", type=int, default=64, help="at most this many questions per episode")
     p.add_argument("--budget", type=int, default=128)
-    p.add_argument("--recall-frames", type=int, default=1, help="frames recalled per question (1: best of 1, 2, 4 "
-                   "on seeds 16-23)")
+    p.add_argument("--recall-frames", type=int, default=1, help="frames recalled per question (1; 2 won on seeds "
+                   "16-23 against the baselines at its bytes but not held out: docs/bench/recall_archive_k2.json)")
     p.add_argument("--archive-mb", type=float, default=256.0)
     p.add_argument("--saddle", default=DEFAULT_SADDLE, help="saddle bias:strength")
     p.add_argument("--arms", nargs="*", default=None, help="only these arms (names as in the table)")

@@ -16,12 +16,14 @@ Question time (`FrameRecall.before_question`, from `StreamingSession.ask`):
    and the frame's caption first, then the newest (past questions ask where / how the object was LAST seen). A
    frame's caption is the model's own greedy answer to CAPTION_PROMPT with the frame inserted right before it (read
    as the current view), made the first time the frame is a candidate and kept (`caption`): one prompt prefill +
-   CAPTION_STEPS - 1 decode steps per archived frame over the held cache, rolled back (probe_forward). Captions are
-   not in the snapshot state; after a restore they are made again. Rules that failed (evidence frame ranked first,
-   past questions beyond the window): FrameArchive.score (query . representative key) 2/66 (seeds 0-7) and 6/70
-   (16-23); the answer's confidence (first-token or sequence log-prob, entropy) with each frame inserted 0-5/70;
-   single (layer, head) query-key scores at most 12/70 (AUC for "frame shows the object" <= 0.72); the caption
-   rule 23/70 (16-23).
+   CAPTION_STEPS - 1 decode steps per archived frame over the held cache, rolled back (probe_forward). Captions
+   travel with a snapshot (engine/snapshot_archive.py: made again over another cache they could differ).
+   Rules that failed (evidence frame ranked first, past questions beyond the window): FrameArchive.score (query .
+   representative key) 2/66 (seeds 0-7) and 6/70 (16-23); the answer's confidence (first-token or sequence log-prob,
+   entropy) with each frame inserted 0-5/70; single (layer, head) query-key scores at most 12/70 (AUC for "frame
+   shows the object" <= 0.72); the caption rule 23/70 (16-23). For "what appeared after X?" questions no recalled
+   frame helps this model (seeds 16-23: 7/29 right with the caption rule, 6-7/29 with the oldest match, or the oldest
+   match and the next frame naming something else; 5/29 recalling the frame where the answer object appeared).
 3. Insert, oldest first, into the slots right after the held tokens. Keys stay as archived (rotated at their
    original position p0); the slot's offset = new - p0 (rotate-on-read; one shift for every M-RoPE row, so the
    frame's t/h/w layout is kept). Positions (`placement`): "past" (default): just before the oldest held token, so
