@@ -6,6 +6,12 @@ replaced before it was decoded counts as ``frames_skipped``). A decode thread de
 decode slower than ``max_decode_s`` is stopped) and hands the frame to the worker's mailbox. So no image work
 runs on the executor: the instruction callback, the services and the motion watchdog each have their own
 callback group and never wait for a JPEG/PNG decode.
+
+Order is kept across the two paths: every image message gets a sequence number when its callback runs, and an
+instruction carries the number of the newest image received before it. The worker answers it only once that
+image is settled (decoded into the worker's mailbox, refused, or replaced by a newer one), or after
+``max_decode_s`` plus a margin, so an image that arrived just before an instruction is part of its view even when
+both arrive at once (a late publisher, a starved machine) and the instruction path is the shorter one.
 """
 
 from __future__ import annotations
@@ -67,7 +73,9 @@ class Inputs:
         self.instruction_group = MutuallyExclusiveCallbackGroup()
         self._log_budget = [0.0, 0]  # rate limit for reject log lines: (window start, lines in window)
         self._cv = threading.Condition()
-        self._raw = None  # newest undecoded image message: (bytes, t_received)
+        self._raw = None  # newest undecoded image message: (bytes, t_received, seq)
+        self.received_seq = 0  # image messages whose callback ran (plain ints: read without the lock)
+        self.settled_seq = 0  # the newest of them decoded, refused or replaced
         self._stop = True
         self._thread: threading.Thread | None = None
 
@@ -103,6 +111,7 @@ class Inputs:
             if self._raw is not None:
                 self.stats.inc("frames_skipped")
                 self._raw = None
+            self.settled_seq = self.received_seq  # no instruction waits on an image that will not come
             self._cv.notify_all()
         if self._thread is not None:
             self._thread.join(10.0)
@@ -130,7 +139,8 @@ class Inputs:
             with self._cv:
                 if self._raw is not None:
                     self.stats.inc("frames_skipped")  # never decoded: neither in nor rejected
-                self._raw = (raw, time.monotonic())
+                self.received_seq += 1
+                self._raw = (raw, time.monotonic(), self.received_seq)
                 self._cv.notify()
         finally:
             self.stats.callback((time.perf_counter() - t0) * 1e3, info, t_ns)
@@ -142,11 +152,14 @@ class Inputs:
                     self._cv.wait()
                 if self._stop:
                     return
-                (raw, t_received), self._raw = self._raw, None
+                (raw, t_received, seq), self._raw = self._raw, None
             try:
                 self.decode(raw, t_received)
             except Exception as e:  # never lose the decode thread to one frame
                 self.reject("frames", f"decode failed: {type(e).__name__}: {e}")
+            finally:
+                self.settled_seq = seq  # after put_frame: an instruction waiting on it sees the frame
+                self.node.worker.wake()
 
     def decode(self, raw: bytes, t_received: float):
         compressed = self.p["image_transport"] == "compressed"
@@ -187,6 +200,6 @@ class Inputs:
             if len(text) > limit:
                 self.reject("instructions", f"instruction too long: {len(text)} > max_instruction_chars={limit}")
                 return
-            self.node.worker.put_instruction(text)
+            self.node.worker.put_instruction(text, self.received_seq)
         finally:
             self.stats.callback((time.perf_counter() - t0) * 1e3, info, t_ns)

@@ -147,13 +147,18 @@ class Worker:
             self.cv.notify()
         self.stats.inc("frames_in")
 
-    def put_instruction(self, text: str):
+    def wake(self):
+        with self.cv:
+            self.cv.notify()
+
+    def put_instruction(self, text: str, image_seq: int = 0):
+        """Queue an instruction; ``image_seq``: the newest image message received before it (see inputs.py)."""
         with self.cv:
             if len(self.instructions) >= int(self.p["instruction_depth"]):
                 self.instructions.popleft()
                 self.stats.inc("instructions_dropped")
                 self.node.get_logger().warning("instruction queue full: dropped the oldest instruction")
-            self.instructions.append((text, time.monotonic()))
+            self.instructions.append((text, time.monotonic(), image_seq))
             self.cv.notify()
         self.stats.inc("instructions_in")
 
@@ -205,15 +210,18 @@ class Worker:
                         if self.stop_flag:
                             return
                         now = time.monotonic()
-                        if self.reset_events or self.save_events or self.instructions:
+                        image_wait = self.image_wait(now)
+                        if self.reset_events or self.save_events or image_wait == 0.0:
                             break
                         if self.frame is not None and now >= next_frame_t:
                             break
-                        timeout = None if self.frame is None else min(max(next_frame_t - now, 0.001), 3600.0)
-                        self.cv.wait(timeout)
+                        waits = [w for w in (image_wait, None if self.frame is None else next_frame_t - now)
+                                 if w is not None]
+                        self.cv.wait(min(max(min(waits), 0.001), 3600.0) if waits else None)
                     resets, self.reset_events = self.reset_events, []
                     saves, self.save_events = ([], self.save_events) if resets else (self.save_events, [])
-                    instr = self.instructions.popleft() if (self.instructions and not resets and not saves) else None
+                    instr = (self.instructions.popleft()[:2]
+                             if self.image_wait(time.monotonic()) == 0.0 and not resets and not saves else None)
                     frame = None
                     if self.frame is not None and not saves and (instr is not None or
                                                                  time.monotonic() >= next_frame_t):
@@ -235,6 +243,17 @@ class Worker:
             self.stats.last_error = f"worker died: {type(e).__name__}: {e}"
             self.node.get_logger().fatal(f"worker thread died, session lost: {traceback.format_exc()}")
             self.node.motion.zero("worker died", disarm=True)
+
+    def image_wait(self, now: float) -> float | None:
+        """Seconds the first queued instruction still waits for the image received before it to settle
+        (inputs.py), 0.0 when it can be answered now, None when no instruction is queued. The wait is bounded:
+        a decode stops after max_decode_s."""
+        if not self.instructions:
+            return None
+        _, t_received, image_seq = self.instructions[0]
+        if image_seq <= self.node.inputs.settled_seq:
+            return 0.0
+        return max(t_received + float(self.p["max_decode_s"]) + 0.5 - now, 0.0)
 
     def session_error(self, where: str, e: Exception):
         self.stats.inc("errors")

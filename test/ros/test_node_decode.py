@@ -153,3 +153,49 @@ def test_compressed_transport_subscribes_where_image_transport_publishes():
     finally:
         c.close()
         node.stop()
+
+
+def test_image_received_just_before_an_instruction_is_in_its_view():
+    """An image and an instruction that arrive together (a late publisher, a starved machine): the instruction
+    path is shorter, but its answer still waits for that image (a PNG that takes ~0.1-0.8 s to decode here) and
+    names its stamp. Failed before the order was kept: the answer came at once, from the previous frame
+    (CI, bag replay: frame 5 published late, its instruction answered from frame 4)."""
+    from PIL import Image as PILImage
+    from sensor_msgs.msg import CompressedImage
+    from std_msgs.msg import String
+
+    node = NodeProcess(DOMAIN, params={
+        "session_factory": "fake_session:make", "model": "fake", "image_transport": "compressed",
+        "image_reliability": "reliable", "max_image_pixels": 4096 * 4096, "frame_rate": 20.0,
+        "instruction_durability": "transient_local", "output_durability": "transient_local"})
+    c = Client(DOMAIN)
+    try:
+        c.collect(String, f"{NS}/result", c.qos(transient=True), "result")
+        img = c.node.create_publisher(CompressedImage, "/image/compressed", c.qos(depth=5))
+        instr = c.node.create_publisher(String, "/instruction", c.qos(transient=True))
+        assert c.wait_for(lambda: img.get_subscription_count() > 0 and instr.get_subscription_count() > 0,
+                          60), node.log()
+
+        def image(sec: int, data: bytes) -> CompressedImage:
+            m = CompressedImage()
+            m.header.stamp.sec, m.format, m.data = sec, "png", data
+            return m
+
+        def results():
+            return [json.loads(x.data) for x in c.got("result")]
+
+        b = io.BytesIO()
+        PILImage.fromarray(np.full((24, 32, 3), 90, np.uint8)).save(b, "PNG")
+        img.publish(image(10, b.getvalue()))
+        instr.publish(String(data="first view?"))
+        assert c.wait_for(lambda: len(results()) == 1, 20), node.log()[-2000:]
+        assert results()[0]["frame_stamp"]["sec"] == 10, results()
+        slow = bomb_png()
+        for k in range(3):
+            img.publish(image(20 + k, slow))
+            instr.publish(String(data=f"view {k}?"))
+            assert c.wait_for(lambda k=k: len(results()) == 2 + k, 20), node.log()[-2000:]
+            assert results()[-1]["frame_stamp"]["sec"] == 20 + k, (results()[-1], node.log()[-2000:])
+    finally:
+        c.close()
+        node.stop()
