@@ -12,6 +12,11 @@ the projected image tokens: a linear head, dropped after training, predicts for 
 how many objects are in view, read off the world's pixel labels. The LLM then reads features that already carry
 what the questions ask.
 
+With `--ground-weight`, a second auxiliary loss grounds the questions' attention: for a current question and for
+a past one that names an object, the attention mass of the question's last `EVIDENCE_QUERIES` queries, summed over
+the heads of the later half of the layers (exactly what `EvidenceProbe` ranks frames by), should fall on the frames
+the question is about (the newest; every frame showing the named object) rather than on the other frames.
+
     infmllm-bench train-vlm --minutes 45                      # -> infmllm_ros/assets/robot_vlm (fp16, ~4 MB)
     infmllm-bench train-vlm --eval-only infmllm_ros/assets/robot_vlm --eval-seeds 40
 """
@@ -34,6 +39,7 @@ import numpy as np
 import torch
 
 from infmllm_ros import world
+from infmllm_ros.engine.memory_view import EVIDENCE_QUERIES
 
 DEFAULT_OUT = Path(__file__).resolve().parents[1] / "assets" / "robot_vlm"
 EVAL_SEED_BASE = 0  # held-out episodes use seeds EVAL_SEED_BASE + k; training draws seeds >= TRAIN_SEED_BASE
@@ -83,6 +89,7 @@ class TrainConfig:
     see_questions: int = 6  # questions after the one frame of a see-phase stream (dense answers per image)
     max_questions: int = 10
     aux_weight: float = 0.5  # weight of the auxiliary per-patch loss on the image tokens (0: off)
+    ground_weight: float = 0.0  # weight of the grounding loss on the question's attention (0: off)
     seed: int = 0
     threads: int = 2
     max_steps: int | None = None
@@ -166,6 +173,9 @@ class Sample:
     images: list[np.ndarray]
     spans: list[tuple[int, int, str]] = field(default_factory=list)  # (start, end, kind) of each answer + </s>
     patch_targets: list[np.ndarray] = field(default_factory=list)  # per image: (patches, len(AUX_HEADS)) int64
+    # per grounded question: (its last EVIDENCE_QUERIES positions, image-token positions of every frame before it,
+    # those of the frames it is about)
+    ground: list[tuple[list[int], list[int], list[int]]] = field(default_factory=list)
 
 
 # ----------------------------------------------------------------------------------------------- auxiliary loss
@@ -277,8 +287,10 @@ class Encoder:
         for e in events:
             by_frame[e.frame].append(e)
         ids, labels, images, spans, targets = list(self.prefix), [-100] * len(self.prefix), [], [], []
-        for f in frames:
+        ground, image_pos = [], []  # image_pos[k]: the image-token positions of frames[k]
+        for k, f in enumerate(frames):
             piece = self.frame_ids(f.t + t_offset)
+            image_pos.append([len(ids) + i for i, x in enumerate(piece) if x == self.image_id])
             ids += piece
             labels += [-100] * len(piece)
             images.append(f.rgb)
@@ -286,6 +298,12 @@ class Encoder:
                 targets.append(patch_targets(f, self.patch))
             for e in by_frame[f.index]:
                 piece = self.question_ids(e.question)
+                about = grounding_frames(frames[:k + 1], e)
+                if about:
+                    q_end = len(ids) + len(piece)
+                    ground.append((list(range(q_end - EVIDENCE_QUERIES, q_end)),
+                                   [i for pos in image_pos for i in pos],
+                                   [i for j in about for i in image_pos[j]]))
                 ids += piece
                 labels += [-100] * len(piece)
                 if answers:
@@ -293,7 +311,25 @@ class Encoder:
                     spans.append((len(ids), len(ids) + len(piece), e.kind))
                     ids += piece + self.after_answer
                     labels += piece + [-100] * len(self.after_answer)
-        return Sample(ids, labels, images, spans, targets if len(targets) == len(images) else [])
+        return Sample(ids, labels, images, spans, targets if len(targets) == len(images) else [], ground)
+
+
+def grounding_frames(frames: list[world.Frame], e: world.Event) -> list[int]:
+    """Which of `frames` (the stream up to the question) a question is about, for the grounding loss: a current
+    question, the newest; a past question that names an object, every frame showing it (what `infmllm-bench
+    evidence` counts as a hit); others (actions), none. Only when some other frame is held: one frame grounds
+    nothing."""
+    if len(frames) < 2:
+        return []
+    if e.kind == "current":
+        return [len(frames) - 1]
+    if e.kind != "past":
+        return []
+    from infmllm_ros.bench.evidence import asked_object, shows
+
+    pred = asked_object(e.question)
+    about = [k for k, f in enumerate(frames) if shows(f, pred)]
+    return about if len(about) < len(frames) else []
 
 
 def frames_for_step(rng: np.random.Generator, cfg: TrainConfig) -> int:
@@ -315,7 +351,8 @@ def training_sample(rng: np.random.Generator, enc: Encoder, cfg: TrainConfig, n:
             return enc.sample(ep.frames[:last + 1], ep.events, offset)
 
 
-def collate(samples: list[Sample], enc: Encoder, pad_id: int) -> dict[str, torch.Tensor]:
+def collate(samples: list[Sample], enc: Encoder, pad_id: int, ground: bool = False) -> dict[str, torch.Tensor]:
+    """A padded batch; with `ground`, also the grounded questions' rows for `grounding_loss` (key "ground")."""
     n = max(len(s.ids) for s in samples)
     ids = torch.full((len(samples), n), pad_id, dtype=torch.long)
     labels = torch.full((len(samples), n), -100, dtype=torch.long)
@@ -328,7 +365,25 @@ def collate(samples: list[Sample], enc: Encoder, pad_id: int) -> dict[str, torch
     out = {"input_ids": ids, "attention_mask": mask, "labels": labels, "pixel_values": pixels}
     if all(s.patch_targets for s in samples):
         out["patch_targets"] = torch.from_numpy(np.stack([t for s in samples for t in s.patch_targets]))
+    rows = [(b, g) for b, s in enumerate(samples) for g in s.ground] if ground else []
+    if rows:
+        frame_mask, about_mask = torch.zeros(len(rows), n), torch.zeros(len(rows), n)
+        for r, (_, (_, frames, about)) in enumerate(rows):
+            frame_mask[r, frames] = 1.0
+            about_mask[r, about] = 1.0
+        out["ground"] = {"batch": torch.tensor([b for b, _ in rows]),
+                         "queries": torch.tensor([g[0] for _, g in rows]), "frames": frame_mask, "about": about_mask}
     return out
+
+
+def grounding_loss(attentions, ground: dict) -> torch.Tensor:
+    """-log of the share of the frame attention that the question's last queries, summed over the heads and the
+    later half of the layers (what `EvidenceProbe` reads), put on the frames the question is about."""
+    b, q = ground["batch"][:, None], ground["queries"]
+    mass = sum(a[b, :, q].float().sum(dim=(1, 2)) for a in attentions[len(attentions) // 2:])  # [rows, T]
+    on_frames = (mass * ground["frames"]).sum(-1)
+    on_about = (mass * ground["about"]).sum(-1)
+    return (torch.log(on_frames + 1e-6) - torch.log(on_about + 1e-6)).mean()
 
 
 # ----------------------------------------------------------------------------------------------- training
@@ -397,7 +452,9 @@ def train(cfg: TrainConfig, out: str | os.PathLike | None = None, log=print) -> 
     box = cfg.minutes * 60.0
     monitor = monitor_samples(enc) if cfg.monitor_every else []
     t0 = time.monotonic()
-    losses, aux_losses, history, step, tokens = [], [], [], 0, 0
+    losses, aux_losses, ground_losses, history, step, tokens = [], [], [], [], 0, 0
+    if cfg.ground_weight:
+        model.set_attn_implementation("eager")  # the grounding loss reads the attention probabilities
     while True:
         elapsed = time.monotonic() - t0
         frac = elapsed / box if cfg.max_steps is None else step / cfg.max_steps if cfg.max_steps else 1.0
@@ -410,15 +467,22 @@ def train(cfg: TrainConfig, out: str | os.PathLike | None = None, log=print) -> 
         while len(samples) < (cfg.see_batch if seeing else cfg.max_batch) and (len(samples) + 1) * max(
                 [len(x.ids) for x in samples] + [0]) < cfg.tokens_per_batch:
             samples.append(training_sample(rng, enc, cfg, n))
-        batch = collate(samples, enc, proc.tokenizer.pad_token_id)
+        batch = collate(samples, enc, proc.tokenizer.pad_token_id, ground=bool(cfg.ground_weight))
         tokens += batch["input_ids"].numel()
         targets = batch.pop("patch_targets", None)
-        loss = model(**batch).loss
+        ground = batch.pop("ground", None)
+        grounding = bool(cfg.ground_weight and ground is not None)
+        result = model(**batch, output_attentions=grounding)
+        loss = result.loss
         lm_loss = loss.item()
         if cfg.aux_weight and targets is not None:
             aux_loss = aux(features["x"], targets)
             aux_losses.append(aux_loss.item())
             loss = loss + cfg.aux_weight * aux_loss
+        if grounding:
+            ground_loss = grounding_loss(result.attentions, ground)
+            ground_losses.append(ground_loss.item())
+            loss = loss + cfg.ground_weight * ground_loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_([p for _, p in params], 1.0)
@@ -431,13 +495,18 @@ def train(cfg: TrainConfig, out: str | os.PathLike | None = None, log=print) -> 
                             "tokens": tokens})
             if aux_losses:
                 history[-1]["aux_loss"] = round(float(np.mean(aux_losses[-cfg.log_every:])), 4)
+            if ground_losses:
+                history[-1]["ground_loss"] = round(float(np.mean(ground_losses[-cfg.log_every:])), 4)
             if cfg.monitor_every and step % cfg.monitor_every == 0:
                 history[-1]["exact"] = teacher_forced_exact(model, enc, monitor)
             log(f"step {step:6d}  {history[-1]['seconds']:7.1f}s  loss {mean:.4f}  aux {history[-1].get('aux_loss')}"
+                f"  ground {history[-1].get('ground_loss')}"
                 f"  lr {opt.param_groups[0]['lr']:.2e}"
                 f"  tokens {tokens}" + (f"  held-out exact {history[-1]['exact']}" if "exact" in history[-1] else ""))
     hook.remove()
     model.eval()
+    if cfg.ground_weight:
+        model.set_attn_implementation("sdpa")
     record = {"steps": step, "seconds": round(time.monotonic() - t0, 1), "first_loss": losses[0] if losses else None,
               "last_loss": float(np.mean(losses[-cfg.log_every:])) if losses else None, "history": history,
               "config": asdict(cfg), "size": asdict(SIZES[cfg.size]),
@@ -548,6 +617,8 @@ def main(argv=None) -> int:
     p.add_argument("--see-questions", type=int, default=6, help="questions after the frame of a see-phase stream")
     p.add_argument("--max-questions", type=int, default=10, help="most questions in a multi-frame training stream")
     p.add_argument("--aux-weight", type=float, default=0.5, help="weight of the per-patch auxiliary loss (0: off)")
+    p.add_argument("--ground-weight", type=float, default=0.0,
+                   help="weight of the loss that grounds a question's attention in the frames it is about (0: off)")
     p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps instead of the time box")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--log-every", type=int, default=20)
@@ -566,6 +637,7 @@ def main(argv=None) -> int:
         cfg = TrainConfig(minutes=a.minutes, size=a.size, tokens_per_batch=a.tokens_per_batch, lr=a.lr,
                           max_frames=a.max_frames, log_every=a.log_every, see_share=a.see_share,
                           see_questions=a.see_questions, max_questions=a.max_questions, aux_weight=a.aux_weight,
+                          ground_weight=a.ground_weight,
                           monitor_every=a.monitor_every, init=a.init,
                           seed=a.seed, threads=a.threads, max_steps=a.max_steps)
         res = train(cfg, a.out)

@@ -204,3 +204,97 @@ def test_aux_loss_is_cross_entropy_of_each_head_on_the_projected_tokens(tiny):
             want.append(torch.tensor(0.0))
         start += n
     torch.testing.assert_close(head(feats, batch["patch_targets"]), torch.stack(want).mean())
+
+
+def test_grounding_frames_are_the_frames_showing_the_asked_object():
+    """Independent of the bench's question parser: the object named in the question, visible in a frame."""
+    checked = 0
+    for seed in range(40):
+        ep = world.make_episode(seed, 8, 6)
+        for e in ep.events:
+            frames = ep.frames[:e.frame + 1]
+            got = tv.grounding_frames(frames, e)
+            if e.kind == "current":
+                assert got == ([len(frames) - 1] if len(frames) > 1 else [])
+            elif e.kind == "action" or "after" not in e.question and "colour" not in e.question and (
+                    "where did you last see" not in e.question):
+                assert got == []
+            else:
+                words = e.question.rstrip("?").split()
+                name = (words[-3] if "colour" in e.question else " ".join(words[-2:]))  # "the cube you saw"
+                want = [k for k, f in enumerate(frames)
+                        if any(o.visible and (o.name == name if " " in name else o.shape == name) for o in f.objects)]
+                assert got == (want if len(frames) > 1 and len(want) < len(frames) else []), (e.question, got, want)
+                checked += bool(got)
+    assert checked >= 20
+
+
+def test_grounding_loss_reads_the_mass_the_evidence_probe_ranks(tiny, monkeypatch):
+    """The training loss and the session's evidence see the same attention: a full-cache session's evidence weights
+    (no recency correction, every frame listed) equal the per-frame share of the grounding rows' mass in the
+    training forward (eager attention on the same ids), and the loss is -log of the asked frames' share."""
+    from infmllm_ros.cache import CacheConfig
+    from infmllm_ros.engine import StreamingSession, memory_view
+
+    monkeypatch.setattr(memory_view, "RECENCY", 0.0)
+    monkeypatch.setattr(memory_view, "TOP_FRAMES", 100)
+    model, proc, enc = tiny
+    ep = next(ep for ep in (world.make_episode(seed, 6, 4) for seed in range(100))
+              if any(e.kind == "past" and tv.grounding_frames(ep.frames[:e.frame + 1], e) for e in ep.events))
+    e = next(e for e in ep.events if e.kind == "past" and tv.grounding_frames(ep.frames[:e.frame + 1], e))
+    frames = ep.frames[:e.frame + 1]
+    s = StreamingSession(copy.deepcopy(model), proc, cache=CacheConfig(policy="full", budget=2048, max_chunk=256),
+                         check_memory=False)
+    for f in frames:
+        s.observe(f.rgb, f.t)
+    weights = {w["stamp"]: w["weight"] for w in s.ask(e.question, max_new_tokens=1).evidence["frames"]}
+    assert sorted(weights) == [f.t for f in frames]
+
+    sample = enc.sample(frames, [e], answers=False)
+    assert len(sample.ground) == 1
+    queries, frame_pos, about_pos = sample.ground[0]
+    assert queries == list(range(len(sample.ids) - memory_view.EVIDENCE_QUERIES, len(sample.ids)))
+    assert [sample.ids[i] for i in frame_pos] == [enc.image_id] * 16 * len(frames)
+    batch = tv.collate([sample], enc, proc.tokenizer.pad_token_id, ground=True)
+    ground = batch.pop("ground")
+    batch.pop("labels")
+    batch.pop("patch_targets", None)
+    eager = copy.deepcopy(model)
+    eager.set_attn_implementation("eager")
+    with torch.no_grad():
+        attn = eager(**batch, output_attentions=True).attentions
+    mass = sum(a[0, :, queries].sum(dim=(0, 1)) for a in attn[len(attn) // 2:])  # [T]
+    per_frame = mass[torch.tensor(frame_pos)].reshape(len(frames), 16).sum(-1).double()
+    share = per_frame / per_frame.sum()
+    torch.testing.assert_close(share, torch.tensor([weights[f.t] for f in frames], dtype=torch.float64),
+                               atol=2e-4, rtol=0)
+    about = sorted({frame_pos.index(i) // 16 for i in about_pos})
+    assert about == tv.grounding_frames(frames, e)
+    want = -torch.log(share[about].sum())
+    torch.testing.assert_close(tv.grounding_loss(attn, ground).double(), want, atol=1e-3, rtol=1e-3)
+
+
+def test_grounding_loss_trains_and_the_saved_model_uses_sdpa(tmp_path):
+    """Same steps, same data: with the grounding loss on, held-out questions put a larger share of their frame
+    attention on the frames they are about than without it."""
+    def held_out_grounding(model, proc) -> float:
+        enc = tv.Encoder(model, proc)
+        samples = [enc.sample(ep.frames, ep.events) for ep in (world.make_episode(900 + k, 4, 3) for k in range(24))]
+        batch = tv.collate([x for x in samples if x.ground], enc, proc.tokenizer.pad_token_id, ground=True)
+        ground = batch.pop("ground")
+        batch.pop("labels")
+        batch.pop("patch_targets", None)
+        model.set_attn_implementation("eager")
+        with torch.no_grad():
+            return float(tv.grounding_loss(model(**batch, output_attentions=True).attentions, ground))
+
+    losses = {}
+    for weight in (0.0, 1.0):
+        cfg = tv.TrainConfig(size="tiny", max_steps=20, tokens_per_batch=300, max_frames=4, short_frames=2,
+                             max_questions=3, lr=5e-3, log_every=5, see_share=0.0, ground_weight=weight)
+        res = tv.train(cfg, tmp_path / str(weight), log=lambda *_: None)
+        assert ("ground_loss" in res["history"][-1]) == bool(weight)
+        assert res["model"].config._attn_implementation == "sdpa"  # eager only while training
+        assert tv.load(tmp_path / str(weight))[0].config._attn_implementation == "sdpa"
+        losses[weight] = held_out_grounding(res["model"], res["processor"])
+    assert losses[1.0] < 0.92 * losses[0.0], losses  # 0.89 vs 1.01 here
