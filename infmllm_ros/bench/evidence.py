@@ -9,8 +9,7 @@ same questions. Also reported: top frame == the answer frame exactly, and its ch
 
 "Current" questions (about the view now: in front, colour now, where now, count) stream through the same session
 from their own episodes (same seeds, `world.make_episode(kinds=("current",))`): there the answer frame is the newest
-one, so their measure is how often the top evidence frame is the newest frame (chance 1 / held frames). Both kinds
-also report how often the evidence's view gate (`evidence.view`) names the question's kind.
+one, so their measure is how often the top evidence frame is the newest frame (chance 1 / held frames).
 """
 
 from __future__ import annotations
@@ -73,8 +72,7 @@ def run_episode(session, ep: world.Episode, max_new_tokens: int) -> list[dict]:
                          "exact": top == e.seen_frame, "top_per_token": top_dense,
                          "hit_per_token": top_dense is not None and pred is not None
                          and shows(ep.frames[top_dense], pred),
-                         "top_is_newest": top == f.index, "view": ev.get("view"), "view_score": ev.get("view_score"),
-                         "view_right": ev.get("view") == e.kind,
+                         "top_is_newest": top == f.index,
                          "chance": sum(shows(ep.frames[i], pred) for i in held) / len(held) if held and pred
                          else 0.0,
                          "frame_share": ev.get("frame_share"), "correct": world.normalize_answer(a.text)
@@ -96,10 +94,10 @@ def summary(rows: list[dict]) -> dict:
             "exact_rate": mean("exact"), "exact_chance": round(sum(1 / len(r["held"]) for r in held) / n, 4)
             if n else None, "held_frames_mean": round(sum(len(r["held"]) for r in held) / n, 2) if n else None,
             "frame_share_mean": mean("frame_share"), "answer_accuracy": mean("correct"),
-            "past_view_right": mean("view_right"), "current_n": len(cur),
+            "current_n": len(cur),
             "current_top_is_newest": _rate(cur, "top_is_newest"),
             "current_chance": round(sum(1 / len(r["held"]) for r in cur) / len(cur), 4) if cur else None,
-            "current_view_right": _rate(cur, "view_right"), "current_answer_accuracy": _rate(cur, "correct")}
+            "current_answer_accuracy": _rate(cur, "correct")}
 
 
 def _rate(rows: list[dict], key: str):
@@ -141,8 +139,7 @@ def markdown(res: dict) -> str:
              "`Answer.evidence` shows the asked object; chance = a frame drawn uniformly from the held frames. "
              "Exact = the top frame is the answer frame itself (chance 1 / held frames). Per token = the top frame "
              "of `evidence.frames_per_token` (mass divided by the frame's stored tokens). Newest = how often the top "
-             "frame is the newest frame (past questions ask about things out of view there). View right = the "
-             "evidence's view gate (`evidence.view`) names the question's kind.\n"]
+             "frame is the newest frame (past questions ask about things out of view there).\n"]
     rows = [[b, s["questions"], s["n"], s["held_frames_mean"], _pct(s["hit_rate"]), _pct(s["hit_rate_per_token"]),
              _pct(s["chance"]), _pct(s["top_is_newest"]),
              _pct(s["exact_rate"]), _pct(s["exact_chance"]), _pct(s["frame_share_mean"]), _pct(s["answer_accuracy"]),
@@ -152,13 +149,13 @@ def markdown(res: dict) -> str:
                                   "top = answer frame", "chance",
                                   "mass on frames", "answers right", "s"], rows))
     cur = [[b, s["current_n"], _pct(s["current_top_is_newest"]), _pct(s["current_chance"]),
-            _pct(s["current_view_right"]), _pct(s["past_view_right"]), _pct(s["current_answer_accuracy"])]
+            _pct(s["current_answer_accuracy"])]
            for b, s in res["budgets"].items() if s.get("current_n")]
     if cur:
         lines.append(f"\nCurrent-view questions (up to {res.get('current_questions_per_episode')} per episode, same "
                      "seeds, own episodes): the answer frame is the newest one.\n")
         lines.append(common.md_table(["budget", "current questions", "top = newest frame", "chance",
-                                      "view right (current)", "view right (past)", "answers right"], cur))
+                                      "answers right"], cur))
     if res.get("note"):
         lines.append(f"\n{res['note']}\n")
     return "\n".join(lines) + "\n"

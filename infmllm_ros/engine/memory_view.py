@@ -5,27 +5,22 @@ turn. `memory(session)` joins it with the cache's stored stream indices (`kept_i
 `EvidenceProbe` collects, during a question's prefill only, the attention mass the question's queries put on every
 stored key and sums it per frame / turn. Nothing here runs on the per-token decode path.
 
-Evidence ranking (`EvidenceProbe.evidence`; every constant below was chosen with `infmllm-bench evidence` on world
-seeds 16-27 and is reported on the held-out seeds 0-15):
-1. Signal: the softmax mass of the question's LAST `EVIDENCE_QUERIES` queries (those that predict the answer) in the
-   LATER half of the layers, summed per frame.
-2. View gate: is the question about the current view or the past? The attention tells: a few query heads of the
-   embedded robot VLM give the newest frame a share of their frame mass that differs between the two (`VIEW_GATES`,
-   a logistic score over those shares, fitted on the tuning seeds; a model without an entry has no gate and every
-   question counts as "past").
-3. Past: the signal times (held frames newer than the frame + 1)**RECENCY, which undoes the attention's recency
-   bias (the newest frame gets the most raw mass in most past questions, though they ask about things out of view).
-   Current: the signal as it is (the newest frame mostly wins).
-Tried for past questions and not adopted (numbers in docs/BENCHMARKS.md, "Answer evidence"): the first 1-3 decode
-steps' mass (the answer tokens; worse), mass per stored token (worse), the per-frame maximum over keys instead of
-the sum, the question's opening tokens as a per-frame baseline, smoothing over neighbouring frames (noise-level
-gains), single heads, and a learned log-linear weight per (layer, head) (a fitted table, +1 point at budget 512).
-Also tried (2026-12-03, seeds 16-27, budgets 128 / 512; the rule: 44 % / 40 % in the same sessions): occlusion (each
-held frame hidden from a forward of the question + the greedy answer, ranked by the answer's log-prob drop or KL:
-30-36 % / 25-27 %, near chance 27 % / 26 %: the answer hardly depends on any one frame); the queries of the asked
-object's word (at most 43 % / 40 %); the mass weighted by the norm of each head's output (||W_o v||: 41 % / 39 %);
-attention rollout through the question's own tokens (at most 42 % / 40 %); these three in a capture where the rule
-scored 41 % / 37 %.
+Evidence ranking (`EvidenceProbe.evidence`; the constants below were chosen with `infmllm-bench evidence` on world
+seeds 16-27 and are reported on the held-out seeds 0-15): the softmax mass of the question's LAST `EVIDENCE_QUERIES`
+queries (those that predict the answer) in the LATER half of the layers, summed per frame, times (held frames newer
+than the frame + 1)**RECENCY, a mild correction of the attention's recency bias. One ranking for every question: no
+question text is parsed and no current/past decision is made.
+
+The embedded robot VLM is trained to ground that very mass (`infmllm-bench train-vlm --ground-weight`: the frames a
+question is about get it), which is what makes the ranking point at the answer's source. Before (the same model
+without the grounding loss, 2026-12-03), the top frame showed the asked object in 43 % / 39 % of held-out past
+questions (budgets 128 / 512) with RECENCY 1.0 and a view gate over 4 fitted query heads that switched the
+correction off for questions about the current view; none of the other signals tried on that model (the answer
+tokens' mass, mass per stored token, per-frame maxima, opening-token baselines, neighbour smoothing, single heads,
+a fitted per-(layer, head) weight, occlusion of each held frame, the queries at the asked object's word, mass
+weighted by ||W_o v||, attention rollout) reached 45 % / 41 % on the tuning seeds. With the grounded model
+(tuning seeds, budgets 128 / 512): RECENCY 0: 58 % / 49 %, current-view top = newest 100 % / 96 %; 0.25: 58 % /
+52 %, 88 % / 92 %; 0.5: 58 % / 53 %, 23 % / 84 %; 1.0 with the old gate: 55 % / 52 %, 66 % / 68 %.
 """
 
 from __future__ import annotations
@@ -40,24 +35,7 @@ EXCERPT_CHARS = 40
 TOP_FRAMES = 3
 # Evidence ranking (see the module docstring; tuned on world seeds 16-27, reported on 0-15)
 EVIDENCE_QUERIES = 4
-RECENCY = 1.0
-
-
-@dataclass(frozen=True)
-class ViewGate:
-    """score = bias + sum of weight * (share of the frame mass of query head `head` in layer `layer`, over the
-    question's last `queries` queries, that falls on the newest held frame); score > 0: a current-view question."""
-
-    terms: tuple[tuple[int, int, int, float], ...]  # (queries, layer, query head, weight)
-    bias: float
-
-
-# Keyed by the text model's shape (layers, query heads, KV heads, head dim). The embedded robot VLM
-# (infmllm_ros/assets/robot_vlm): logistic regression on seeds 16-27 (past vs current questions, budgets 128 + 512),
-# heads chosen greedily (4 of 72 head x query-span shares); held-out seeds 0-15: AUC 0.93, 88 % right.
-VIEW_GATES: dict[tuple[int, int, int, int], ViewGate] = {
-    (4, 6, 2, 32): ViewGate(terms=((1, 3, 0, 4.07), (1, 3, 5, -2.66), (4, 1, 1, -3.15), (1, 3, 2, 1.62)), bias=-0.45),
-}
+RECENCY = 0.25
 
 
 @dataclass
@@ -163,14 +141,11 @@ def _excerpt(text: str) -> str:
 class EvidenceProbe:
     """Called by the attention function for every text layer during ONE prefill (the question's). Keeps, per layer,
     the summed softmax mass the last `n_queries` queries give each key (the kernel the cache already uses for its
-    window scores, unnormalised) and the keys' stream indices, read before the chunk's eviction; for the view gate
-    of this model's shape (`VIEW_GATES`), also the mass of its few query heads alone."""
+    window scores, unnormalised) and the keys' stream indices, read before the chunk's eviction."""
 
     def __init__(self, cache, n_queries: int):
         self.cache, self.n_queries = cache, n_queries
         self.parts: list[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]] = []  # (mass, ranking mass, index)
-        self.gate: ViewGate | None = None
-        self.gate_parts: list[tuple[float, torch.Tensor, torch.Tensor]] = []  # (weight, one head's mass, index)
 
     def __call__(self, layer_idx: int, query: torch.Tensor, key: torch.Tensor, scaling: float) -> None:
         from infmllm_ros.kernels import window_scores
@@ -183,34 +158,11 @@ class EvidenceProbe:
                                  normalize=False)[0].float().cpu()
         index = self.cache.layers[layer_idx].index[:, :n]
         self.parts.append((mass.float().cpu(), rank, index.cpu().clone()))
-        if layer_idx == 0:
-            shape = (len(self.cache.layers), query.shape[1], key.shape[1], query.shape[-1])
-            self.gate = VIEW_GATES.get(shape)
-        group = query.shape[1] // key.shape[1]
-        for queries, layer, head, weight in self.gate.terms if self.gate is not None else ():
-            if layer == layer_idx:  # one query head against its KV head: a [1, n] mass row
-                kv = head // group
-                one = window_scores(query[:, head:head + 1, -min(queries, self.n_queries):], key[:, kv:kv + 1],
-                                    scaling, normalize=False)[0, 0]
-                self.gate_parts.append((weight, one.float().cpu(), index[kv].cpu().clone()))
-
-    def view_score(self, cmap: ChunkMap, kept: list[int]) -> float | None:
-        """The view gate's score (> 0: a question about the current view); None without a gate for this model or
-        with fewer than 2 frames held (no "newest vs older" to tell)."""
-        if self.gate is None or len(kept) < 2:
-            return None
-        z = self.gate.bias
-        for weight, mass, index in self.gate_parts:
-            per_span = torch.zeros(len(cmap.spans), dtype=torch.float64).scatter_add_(
-                0, cmap.span_ids(index), mass.double())[kept]
-            z += weight * (float(per_span[-1] / per_span.sum()) if per_span.sum() > 0 else 0.0)
-        return z
 
     def evidence(self, cmap: ChunkMap, question: Span) -> dict | None:
-        """Top frames by the mass of the question's last queries in the later layers, recency-corrected unless the
-        view gate says the question is about the current view (weights sum to 1 over frames), top frames by mass per
-        stored token, the gate's verdict, and the shares of the question's total mass on frames, on earlier text
-        turns and on the question chunk itself."""
+        """Top frames by the mass of the question's last queries in the later layers, mildly recency-corrected
+        (weights sum to 1 over frames), top frames by mass per stored token, and the shares of the question's total
+        mass on frames, on earlier text turns and on the question chunk itself."""
         if not self.parts or not cmap.spans:
             return None
         per_span = torch.zeros(len(cmap.spans), dtype=torch.float64)
@@ -226,9 +178,7 @@ class EvidenceProbe:
         kept = [i for i, s in enumerate(cmap.spans) if s.kind == "frame" and held[i] > 0]  # oldest first
         on_frames = sum(float(per_span[i]) for i in kept)
         on_self = sum(float(m) for m, s in zip(per_span.tolist(), cmap.spans, strict=True) if s is question)
-        z = self.view_score(cmap, kept)
-        recency = 0.0 if z is not None and z > 0 else RECENCY
-        score = [(float(ranked[i]) * (len(kept) - k) ** recency, cmap.spans[i]) for k, i in enumerate(kept)]
+        score = [(float(ranked[i]) * (len(kept) - k) ** RECENCY, cmap.spans[i]) for k, i in enumerate(kept)]
         on_score = sum(v for v, _ in score)
         top = sorted(score, key=lambda vs: -vs[0])[:TOP_FRAMES]
         # mass per stored token: a frame the cache kept only a few (high-scoring) tokens of is not outweighed by the
@@ -239,7 +189,6 @@ class EvidenceProbe:
         return {"frames": [{"stamp": s.stamp, "weight": round(v / on_score, 4)} for v, s in top if on_score > 0],
                 "frames_per_token": [{"stamp": s.stamp, "weight": round(d / on_dense, 4)} for d, s in top_dense
                                      if on_dense > 0],
-                "view": "current" if recency == 0.0 else "past", "view_score": None if z is None else round(z, 4),
                 "frame_share": round(on_frames / total, 4),
                 "text_share": round((total - on_frames - on_self) / total, 4),
                 "question_share": round(on_self / total, 4)}

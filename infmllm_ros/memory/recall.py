@@ -18,7 +18,8 @@ Question time (`FrameRecall.before_question`, from `StreamingSession.ask`):
    as the current view), made the first time the frame is a candidate and kept (`caption`): one prompt prefill +
    CAPTION_STEPS - 1 decode steps per archived frame over the held cache, rolled back (probe_forward). Captions
    travel with a snapshot (engine/snapshot_archive.py: made again over another cache they could differ).
-   Rules that failed (evidence frame ranked first, past questions beyond the window): FrameArchive.score (query .
+   Rules that failed (evidence frame ranked first, past questions beyond the window; all measured with the embedded
+   checkpoint before its grounding loss, 2026-12-03): FrameArchive.score (query .
    representative key) 2/66 (seeds 0-7) and 6/70 (16-23); the answer's confidence (first-token or sequence log-prob,
    entropy) with each frame inserted 0-5/70; single (layer, head) query-key scores at most 12/70 (AUC for "frame
    shows the object" <= 0.72); the caption rule 23/70 (16-23). For "what appeared after X?" questions no recalled

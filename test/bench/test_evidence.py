@@ -52,8 +52,8 @@ def test_tiny_run_chance_and_report(tmp_path):
         assert cell["chance"] == pytest.approx(sum(r["chance"] for r in held) / len(held), abs=1e-4)
     cur_eps = world.make_episode(0, 20, 3, kinds=("current",))
     assert [r["question"] for r in cur] == [e.question for e in cur_eps.events]
-    for r in cur:  # the tiny model has no view gate: every question is ranked as past
-        assert r["top_is_newest"] == (r["top"] == r["frame"]) and (r["view"], r["view_right"]) == ("past", False)
+    for r in cur:
+        assert r["top_is_newest"] == (r["top"] == r["frame"])
     assert cell["current_chance"] == pytest.approx(sum(1 / len(r["held"]) for r in cur) / len(cur), abs=1e-4)
     assert cell["current_top_is_newest"] == pytest.approx(sum(r["top_is_newest"] for r in cur) / len(cur), abs=1e-4)
     md = report.render(report.load_results(tmp_path), tmp_path / "BENCHMARKS.md")

@@ -3,8 +3,7 @@
 memory(): the test keeps its own map of which stream indices each frame occupies (from the token counts observe()
 returns and the cache's seen counter) and counts the cache's kept_indices() by hand, for every policy over a
 300-frame stream. evidence: with nothing evicted, the ranking and shares equal those read from
-an eager full forward of the same token sequence (output_attentions), summed over layers, heads and question rows;
-a view gate's score equals the one computed from single query heads' eager attentions, and decides the ranking.
+an eager full forward of the same token sequence (output_attentions), summed over layers, heads and question rows.
 """
 
 import numpy as np
@@ -122,8 +121,8 @@ def _ranking(atts, n_q, bounds, stamps, recency):
 
 
 def test_evidence_equals_eager_attention_mass():
-    """Budget above the stream: the probe's per-frame mass == the eager model's attention probabilities; no view
-    gate exists for the tiny model's shape, so the past (age-corrected) ranking applies."""
+    """Budget above the stream: the probe's per-frame mass == the eager model's attention probabilities, ranked
+    with the recency correction."""
     s, ans, atts, n_q, bounds, stamps = _eager_question()
     col = sum(att[0, :, -n_q:, :].double().sum((0, 1)) for att in atts)  # [N] mass per key
     per_frame = np.array([float(col[a:b].sum()) for a, b in bounds])
@@ -131,30 +130,8 @@ def test_evidence_equals_eager_attention_mass():
     got = ans.evidence["frames"]
     assert [g["stamp"] for g in got] == [st for _w, st in want]
     np.testing.assert_allclose([g["weight"] for g in got], [w for w, _st in want], atol=2e-4)
-    assert (ans.evidence["view"], ans.evidence["view_score"]) == ("past", None)
+    assert "view" not in ans.evidence
     total = float(col.sum())
     assert ans.evidence["frame_share"] == pytest.approx(per_frame.sum() / total, abs=2e-4)
     assert ans.evidence["question_share"] == pytest.approx(float(col[-n_q:].sum()) / total, abs=2e-4)
     assert ans.evidence["text_share"] == pytest.approx(float(col[:bounds[0][0]].sum()) / total, abs=2e-4)
-
-
-@pytest.mark.parametrize("bias", [-3.0, 3.0])
-def test_view_gate_equals_eager_head_shares(monkeypatch, bias):
-    """A view gate for the tiny model's shape: its score == bias + sum of weight x the newest frame's share of one
-    query head's frame mass (eager attentions), and the ranking drops the age correction exactly when score > 0."""
-    terms = ((1, 1, 3, 2.0), (4, 0, 1, -1.5), (2, 1, 0, 1.0))  # (queries, layer, query head, weight)
-    monkeypatch.setitem(memory_view.VIEW_GATES, (2, 4, 2, 16), memory_view.ViewGate(terms=terms, bias=bias))
-    s, ans, atts, n_q, bounds, stamps = _eager_question()
-    z = bias
-    for queries, layer, head, weight in terms:
-        col = atts[layer][0, head, -queries:, :].double().sum(0)
-        per_frame = np.array([float(col[a:b].sum()) for a, b in bounds])
-        z += weight * per_frame[-1] / per_frame.sum()
-    assert ans.evidence["view_score"] == pytest.approx(z, abs=2e-4)
-    current = z > 0
-    assert current == (bias > 0)  # the bias dominates the shares (each in [0, 1]) in both cases
-    assert ans.evidence["view"] == ("current" if current else "past")
-    want = _ranking(atts, n_q, bounds, stamps, 0.0 if current else memory_view.RECENCY)
-    got = ans.evidence["frames"]
-    assert [g["stamp"] for g in got] == [st for _w, st in want]
-    np.testing.assert_allclose([g["weight"] for g in got], [w for w, _st in want], atol=2e-4)
