@@ -54,10 +54,16 @@ def test_round_trip_loses_nothing(tmp_path, bags, storage, rate):
     span_bag = (src["/image"][-1][0] - src["/image"][0][0]) / 1e9
     span_rec = (got["/image"][-1][0] - got["/image"][0][0]) / 1e9
     assert span_bag / rate * 0.9 - 0.05 <= span_rec <= span_bag / rate * 1.3 + 0.3, (span_bag, span_rec)
-    # each instruction is recorded between the frames it sits between in the source bag
-    merged = sorted((t, topic) for topic, items in got.items() for t, _ in items)
+    # each instruction is recorded between the frames it sits between in the source bag. At rate 10 an
+    # instruction is 5 ms from its neighbouring frames: when both wait in the recorder's executor together they are
+    # taken in subscription order (CI once saw one recorded after the next frame), so there it may move by one frame
+    merged = [topic for _, topic in sorted((t, topic) for topic, items in got.items() for t, _ in items)]
     src_order = [topic for _, topic in sorted((t, topic) for topic, items in src.items() for t, _ in items)]
-    assert [topic for _, topic in merged] == src_order
+    if rate == 1:
+        assert merged == src_order
+    else:
+        where = [[i for i, topic in enumerate(order) if topic == "/instruction"] for order in (merged, src_order)]
+        assert all(abs(a - b) <= 1 for a, b in zip(*where, strict=True)), where
 
 
 def test_record_discovers_types_remap_topics_offset_compressed(tmp_path):
