@@ -39,6 +39,7 @@ import numpy as np
 import torch
 
 from infmllm_ros import world
+from infmllm_ros.bench.evidence import asked_object, shows
 from infmllm_ros.engine.memory_view import EVIDENCE_QUERIES
 
 DEFAULT_OUT = Path(__file__).resolve().parents[1] / "assets" / "robot_vlm"
@@ -325,8 +326,6 @@ def grounding_frames(frames: list[world.Frame], e: world.Event) -> list[int]:
         return [len(frames) - 1]
     if e.kind != "past":
         return []
-    from infmllm_ros.bench.evidence import asked_object, shows
-
     pred = asked_object(e.question)
     about = [k for k, f in enumerate(frames) if shows(f, pred)]
     return about if len(about) < len(frames) else []
