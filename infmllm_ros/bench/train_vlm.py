@@ -96,10 +96,6 @@ class TrainConfig:
     max_steps: int | None = None
     log_every: int = 20
     init: str | None = None  # start from the weights of a saved model (same size and tokenizer) instead of fresh ones
-    cache_share: float = 0.0  # share of the multi-frame steps on cache-shaped streams (cache_shaped.py; 0: none)
-    cache_frames: int = 48  # most frames of a cache-shaped stream (it has more than max_frames)
-    recall_share: float = 0.25  # share of the cache-shaped streams with a recalled frame
-    cache_images: int = 256  # most images in a cache-shaped step (the vision tower runs on every frame)
     monitor_every: int = 0  # steps between held-out teacher-forced exact checks (0: none; a multiple of log_every)
 
 
@@ -181,10 +177,6 @@ class Sample:
     # per grounded question: (its last EVIDENCE_QUERIES positions, image-token positions of every frame before it,
     # those of the frames it is about)
     ground: list[tuple[list[int], list[int], list[int]]] = field(default_factory=list)
-    frame_spans: list[tuple[int, int]] = field(default_factory=list)  # (start, end) of each frame's piece in ids
-    # the positions of ids fed, in feeding order (None: all of ids); a cache-shaped stream (cache_shaped.py) drops
-    # and moves tokens, and its labels, spans and ground positions are then in fed coordinates
-    order: list[int] | None = None
 
 
 # ----------------------------------------------------------------------------------------------- auxiliary loss
@@ -296,10 +288,9 @@ class Encoder:
         for e in events:
             by_frame[e.frame].append(e)
         ids, labels, images, spans, targets = list(self.prefix), [-100] * len(self.prefix), [], [], []
-        ground, image_pos, frame_spans = [], [], []  # image_pos[k]: the image-token positions of frames[k]
+        ground, image_pos = [], []  # image_pos[k]: the image-token positions of frames[k]
         for k, f in enumerate(frames):
             piece = self.frame_ids(f.t + t_offset)
-            frame_spans.append((len(ids), len(ids) + len(piece)))
             image_pos.append([len(ids) + i for i, x in enumerate(piece) if x == self.image_id])
             ids += piece
             labels += [-100] * len(piece)
@@ -321,7 +312,7 @@ class Encoder:
                     spans.append((len(ids), len(ids) + len(piece), e.kind))
                     ids += piece + self.after_answer
                     labels += piece + [-100] * len(self.after_answer)
-        return Sample(ids, labels, images, spans, targets if len(targets) == len(images) else [], ground, frame_spans)
+        return Sample(ids, labels, images, spans, targets if len(targets) == len(images) else [], ground)
 
 
 def grounding_frames(frames: list[world.Frame], e: world.Event) -> list[int]:
@@ -360,31 +351,22 @@ def training_sample(rng: np.random.Generator, enc: Encoder, cfg: TrainConfig, n:
 
 
 def collate(samples: list[Sample], enc: Encoder, pad_id: int, ground: bool = False) -> dict[str, torch.Tensor]:
-    """A padded batch; with `ground`, also the grounded questions' rows for `grounding_loss` (key "ground"). A batch
-    of cache-shaped samples (all with `order`) also has "order", the source positions fed; its labels, attention mask
-    and ground rows are then in fed coordinates (`cache_shaped.fed_inputs` turns it into the model's inputs)."""
+    """A padded batch; with `ground`, also the grounded questions' rows for `grounding_loss` (key "ground")."""
     n = max(len(s.ids) for s in samples)
-    fed = all(s.order is not None for s in samples)
-    m = max(len(s.order) for s in samples) if fed else n
     ids = torch.full((len(samples), n), pad_id, dtype=torch.long)
-    labels = torch.full((len(samples), m), -100, dtype=torch.long)
-    mask = torch.zeros((len(samples), m), dtype=torch.long)
-    order = torch.zeros((len(samples), m), dtype=torch.long)
+    labels = torch.full((len(samples), n), -100, dtype=torch.long)
+    mask = torch.zeros((len(samples), n), dtype=torch.long)
     for b, s in enumerate(samples):
         ids[b, :len(s.ids)] = torch.tensor(s.ids)
-        labels[b, :len(s.labels)] = torch.tensor(s.labels)
-        mask[b, :len(s.labels)] = 1
-        if fed:
-            order[b, :len(s.order)] = torch.tensor(s.order)
+        labels[b, :len(s.ids)] = torch.tensor(s.labels)
+        mask[b, :len(s.ids)] = 1
     pixels = torch.stack([enc.pixels(im) for s in samples for im in s.images])
     out = {"input_ids": ids, "attention_mask": mask, "labels": labels, "pixel_values": pixels}
-    if fed:
-        out["order"] = order
     if all(s.patch_targets for s in samples):
         out["patch_targets"] = torch.from_numpy(np.stack([t for s in samples for t in s.patch_targets]))
     rows = [(b, g) for b, s in enumerate(samples) for g in s.ground] if ground else []
     if rows:
-        frame_mask, about_mask = torch.zeros(len(rows), m), torch.zeros(len(rows), m)
+        frame_mask, about_mask = torch.zeros(len(rows), n), torch.zeros(len(rows), n)
         for r, (_, (_, frames, about)) in enumerate(rows):
             frame_mask[r, frames] = 1.0
             about_mask[r, about] = 1.0
@@ -446,8 +428,6 @@ def lr_at(frac: float, base: float) -> float:
 
 def train(cfg: TrainConfig, out: str | os.PathLike | None = None, log=print) -> dict:
     """Train for `cfg.minutes` (or `cfg.max_steps`); save fp16 model + processor into `out` when given."""
-    from infmllm_ros.bench import cache_shaped  # it builds on this module's Encoder and Sample
-
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     model, proc = build(cfg.size, cfg.seed)
@@ -482,25 +462,15 @@ def train(cfg: TrainConfig, out: str | os.PathLike | None = None, log=print) -> 
         for g in opt.param_groups:
             g["lr"] = lr_at(frac, cfg.lr)
         seeing = frac < cfg.see_share
-        shaped = not seeing and cfg.cache_share > 0 and rng.random() < cfg.cache_share
-        if shaped:  # fed tokens and images bound the batch
-            n = int(rng.integers(cfg.max_frames + 1, max(cfg.cache_frames, cfg.max_frames + 1) + 1))
-            samples = []
-            while len(samples) < cfg.max_batch and (len(samples) + 1) * n <= max(cfg.cache_images, n) and (
-                    len(samples) + 1) * max([len(x.order) for x in samples] + [0]) < cfg.tokens_per_batch:
-                samples.append(cache_shaped.cache_shaped_sample(rng, enc, n, rng.random() < cfg.recall_share))
-        else:
-            n, samples = (1 if seeing else frames_for_step(rng, cfg)), []
-            while len(samples) < (cfg.see_batch if seeing else cfg.max_batch) and (len(samples) + 1) * max(
-                    [len(x.ids) for x in samples] + [0]) < cfg.tokens_per_batch:
-                samples.append(training_sample(rng, enc, cfg, n))
+        n, samples = (1 if seeing else frames_for_step(rng, cfg)), []
+        while len(samples) < (cfg.see_batch if seeing else cfg.max_batch) and (len(samples) + 1) * max(
+                [len(x.ids) for x in samples] + [0]) < cfg.tokens_per_batch:
+            samples.append(training_sample(rng, enc, cfg, n))
         batch = collate(samples, enc, proc.tokenizer.pad_token_id, ground=bool(cfg.ground_weight))
-        tokens += batch["attention_mask"].numel()
+        tokens += batch["input_ids"].numel()
         targets = batch.pop("patch_targets", None)
         ground = batch.pop("ground", None)
         grounding = bool(cfg.ground_weight and ground is not None)
-        if "order" in batch:
-            batch = cache_shaped.fed_inputs(model, batch)
         result = model(**batch, output_attentions=grounding)
         loss = result.loss
         lm_loss = loss.item()
@@ -648,11 +618,6 @@ def main(argv=None) -> int:
     p.add_argument("--aux-weight", type=float, default=0.5, help="weight of the per-patch auxiliary loss (0: off)")
     p.add_argument("--ground-weight", type=float, default=0.0,
                    help="weight of the loss that grounds a question's attention in the frames it is about (0: off)")
-    p.add_argument("--cache-share", type=float, default=0.0,
-                   help="share of the multi-frame steps on cache-shaped streams (long, old frames thinned; 0: none)")
-    p.add_argument("--cache-frames", type=int, default=48, help="most frames of a cache-shaped stream")
-    p.add_argument("--recall-share", type=float, default=0.25,
-                   help="share of the cache-shaped streams with the evidence frame recalled whole")
     p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps instead of the time box")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--log-every", type=int, default=20)
@@ -671,8 +636,7 @@ def main(argv=None) -> int:
         cfg = TrainConfig(minutes=a.minutes, size=a.size, tokens_per_batch=a.tokens_per_batch, lr=a.lr,
                           max_frames=a.max_frames, log_every=a.log_every, see_share=a.see_share,
                           see_questions=a.see_questions, max_questions=a.max_questions, aux_weight=a.aux_weight,
-                          ground_weight=a.ground_weight, cache_share=a.cache_share, cache_frames=a.cache_frames,
-                          recall_share=a.recall_share,
+                          ground_weight=a.ground_weight,
                           monitor_every=a.monitor_every, init=a.init,
                           seed=a.seed, threads=a.threads, max_steps=a.max_steps)
         res = train(cfg, a.out)
