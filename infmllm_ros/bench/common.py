@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import resource
@@ -94,6 +95,15 @@ def md_table(header: list[str], rows: list[list]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
     return "\n".join(lines) + "\n"
+
+
+def wilson(hits: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """Wilson score interval of a binomial rate (95 % for z = 1.96): honest at small n and near 0 or 1."""
+    if n <= 0:
+        return (0.0, 1.0)
+    p, z2 = hits / n, z * z
+    centre, half = (p + z2 / (2 * n)), z * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n))
+    return ((centre - half) / (1 + z2 / n), (centre + half) / (1 + z2 / n))
 
 
 def write_results(out_dir: Path | str, name: str, results: dict, markdown: str) -> dict[str, Path]:

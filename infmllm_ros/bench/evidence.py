@@ -5,7 +5,8 @@ Before each question the session's `memory()` lists the frames still held; the q
 answer comes from (`Event.seen_frame`) is among them. Hit = the top frame of `Answer.evidence` shows the asked
 object (the shape / colour+shape named in the question, visible by `ObjectView.visible`). Chance = the same rate for
 a frame drawn uniformly from the held frames (the fraction of held frames that show the object), averaged over the
-same questions. Also reported: top frame == the answer frame exactly, and its chance (1 / held frames).
+same questions. Also reported: top frame == the answer frame exactly, and its chance (1 / held frames). The target,
+a clear majority, counts as met when the hit rate's whole 95 % Wilson interval lies above one half.
 
 "Current" questions (about the view now: in front, colour now, where now, count) stream through the same session
 from their own episodes (same seeds, `world.make_episode(kinds=("current",))`): there the answer frame is the newest
@@ -136,16 +137,19 @@ def markdown(res: dict) -> str:
              f"{res['device']} {res['dtype']}; {common.describe_machine(res['machine'])}; commit {res['commit']}.\n",
              f"`{res['command']}`\n",
              "Counted: past questions whose answer frame the cache still held when asked. Hit = the top frame of "
-             "`Answer.evidence` shows the asked object; chance = a frame drawn uniformly from the held frames. "
+             "`Answer.evidence` shows the asked object (95 % Wilson interval beside it; the target, a clear majority, "
+             "is its whole interval above 50 %); chance = a frame drawn uniformly from the held frames. "
              "Exact = the top frame is the answer frame itself (chance 1 / held frames). Per token = the top frame "
              "of `evidence.frames_per_token` (mass divided by the frame's stored tokens). Newest = how often the top "
              "frame is the newest frame (past questions ask about things out of view there).\n"]
-    rows = [[b, s["questions"], s["n"], s["held_frames_mean"], _pct(s["hit_rate"]), _pct(s["hit_rate_per_token"]),
+    rows = [[b, s["questions"], s["n"], s["held_frames_mean"], _pct(s["hit_rate"]), _ci(hit_interval(s)),
+             _pct(s["hit_rate_per_token"]),
              _pct(s["chance"]), _pct(s["top_is_newest"]),
              _pct(s["exact_rate"]), _pct(s["exact_chance"]), _pct(s["frame_share_mean"]), _pct(s["answer_accuracy"]),
              s["seconds"]] for b, s in res["budgets"].items()]
     lines.append(common.md_table(["budget", "past questions", "answer frame held", "held frames (mean)",
-                                  "top frame shows object", "per token", "chance", "top = newest",
+                                  "top frame shows object", "95 % interval", "per token", "chance",
+                                  "top = newest",
                                   "top = answer frame", "chance",
                                   "mass on frames", "answers right", "s"], rows))
     cur = [[b, s["current_n"], _pct(s["current_top_is_newest"]), _pct(s["current_chance"]),
@@ -165,11 +169,27 @@ def _pct(v) -> str:
     return "" if v is None else f"{100 * v:.0f} %"
 
 
+def _ci(ci) -> str:
+    return "" if ci is None else f"{100 * ci[0]:.0f}-{100 * ci[1]:.0f} %"
+
+
+def hit_interval(s: dict) -> tuple[float, float] | None:
+    """95 % Wilson interval of a budget's hit rate (its hits are hit_rate x n, rounded as stored)."""
+    return common.wilson(round(s["hit_rate"] * s["n"]), s["n"]) if s.get("n") else None
+
+
+def clear_majority(s: dict) -> bool:
+    """The issue's "clear majority": the whole 95 % interval of the hit rate lies above one half."""
+    ci = hit_interval(s)
+    return ci is not None and ci[0] > 0.5
+
+
 def findings(name: str, res: dict) -> list[str]:
     return [f"`{name}`, budget {b}: the top evidence frame shows the asked object in {_pct(s['hit_rate'])} of "
-            f"{s['n']} past questions with the answer frame held (per token {_pct(s['hit_rate_per_token'])}; chance "
-            f"{_pct(s['chance'])}; top = newest frame {_pct(s['top_is_newest'])}): target (clear majority) "
-            f"{'met' if (s['hit_rate'] or 0) > 0.5 else 'not met'}"
+            f"{s['n']} past questions with the answer frame held (95 % interval {_ci(hit_interval(s))}; per token "
+            f"{_pct(s['hit_rate_per_token'])}; chance {_pct(s['chance'])}; top = newest frame "
+            f"{_pct(s['top_is_newest'])}): target (clear majority: the interval above 50 %) "
+            f"{'met' if clear_majority(s) else 'not met'}"
             + (f"; current-view questions: top = newest frame {_pct(s['current_top_is_newest'])} of "
                f"{s['current_n']} (chance {_pct(s['current_chance'])})" if s.get("current_n") else "") + "."
             for b, s in res["budgets"].items() if s["n"]]

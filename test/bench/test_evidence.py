@@ -59,3 +59,17 @@ def test_tiny_run_chance_and_report(tmp_path):
     md = report.render(report.load_results(tmp_path), tmp_path / "BENCHMARKS.md")
     assert "## Answer evidence (evidence.json)" in md and "A hand-written note." in md
     assert "--note" not in res["command"] and "--current-questions 3" in res["command"]
+
+
+def test_wilson_interval_and_the_clear_majority_line():
+    from infmllm_ros.bench import common
+
+    # published values (Wilson 1927 score interval, z = 1.96): 7/10 -> 0.3968-0.8922, 0/10 -> 0-0.2775
+    assert common.wilson(7, 10) == pytest.approx((0.3968, 0.8922), abs=1e-4)
+    assert common.wilson(0, 10) == pytest.approx((0.0, 0.2775), abs=1e-4)
+    # a bare majority of 215 questions is not a clear one; 62 % of them is
+    bare = {"hit_rate": 115 / 215, "n": 215, "hit_rate_per_token": 0.5, "chance": 0.3, "top_is_newest": 0.0}
+    clear = {**bare, "hit_rate": 134 / 215}
+    assert not evidence.clear_majority(bare) and evidence.clear_majority(clear)
+    lines = evidence.findings("evidence", {"budgets": {"128": bare, "512": clear}})
+    assert lines[0].endswith("not met.") and lines[1].endswith(" met.")
