@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from infmllm_ros import world
-from infmllm_ros.bench import evidence, report
+from infmllm_ros.bench import common, evidence, report
 
 
 def test_asked_object_matches_the_answer_frame():
@@ -62,8 +62,6 @@ def test_tiny_run_chance_and_report(tmp_path):
 
 
 def test_wilson_interval_and_the_clear_majority_line():
-    from infmllm_ros.bench import common
-
     # published values (Wilson 1927 score interval, z = 1.96): 7/10 -> 0.3968-0.8922, 0/10 -> 0-0.2775
     assert common.wilson(7, 10) == pytest.approx((0.3968, 0.8922), abs=1e-4)
     assert common.wilson(0, 10) == pytest.approx((0.0, 0.2775), abs=1e-4)
