@@ -8,6 +8,8 @@ turned: they stay rotated at the position the model gave them, and are turned to
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 
@@ -29,6 +31,9 @@ def compact_(k, v, keep) -> None:
 
 
 def triton_ok() -> bool:
+    """Triton is used on CUDA unless INFMLLM_ROS_TRITON=0 (a robot whose Triton build fails keeps the torch path)."""
+    if os.environ.get("INFMLLM_ROS_TRITON", "1") == "0":
+        return False
     try:
         import triton  # noqa: F401
     except ImportError:  # a CUDA install without Triton falls back to the reference

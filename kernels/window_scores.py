@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import torch
 
+from .compact import triton_ok
+
 SCORE_ELEMENTS = 1 << 22  # fp32 elements of one block of logits (16 MiB): the peak temporary of the reference
 MIN_BLOCK = 64
 
@@ -66,16 +68,9 @@ def window_counts(w: int, n: int, device) -> torch.Tensor:
 
 def window_scores(query: torch.Tensor, key: torch.Tensor, scaling: float, normalize: bool = True) -> torch.Tensor:
     """Dispatch: Triton on CUDA (fused, no W x N matrix), the torch reference elsewhere."""
-    if query.is_cuda and _triton_ok():
+    if query.is_cuda and triton_ok():
         from .window_scores_triton import window_scores_triton
 
         return window_scores_triton(query, key, scaling, normalize)
     return window_scores_ref(query, key, scaling, normalize)
 
-
-def _triton_ok() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:  # a CUDA install without Triton falls back to the reference
-        return False
-    return True
