@@ -25,6 +25,17 @@ def check_window_scores():
         err = (want - got).abs().max().item()
         print(f"window_scores Hq={hq} Hkv={hkv} W={w} N={n} D={d} norm={norm}: max err {err:.2e}")
         assert err < 1e-5, err
+    # 16-bit inputs go into the dot as they are (tensor cores, fp32 accumulator, wider tiles when W > 16): products
+    # of bf16/fp16 values are exact in fp32, so the fp32 reference of the same values agrees but for summation order
+    for dt, (hq, hkv, w, n, d, norm) in [(torch.bfloat16, (28, 4, 40, 150, 32, True)),
+                                         (torch.float16, (4, 2, 70, 130, 16, True)),
+                                         (torch.bfloat16, (4, 2, 1, 90, 16, False)),
+                                         (torch.float16, (6, 3, 12, 12, 16, True))]:  # fmt: skip
+        q, k = torch.randn(1, hq, w, d).to(dt), torch.randn(1, hkv, n, d).to(dt)
+        want, got = window_scores_ref(q, k, d**-0.5, norm), window_scores_triton(q, k, d**-0.5, norm)
+        err = (want - got).abs().max().item()
+        print(f"window_scores {dt} Hq={hq} Hkv={hkv} W={w} N={n}: max err {err:.2e}")
+        assert got.dtype == torch.float32 and err < 1e-5, err
     # a non-contiguous query (the last W rows of a chunk, as the attention function passes it)
     q, k = torch.randn(1, 4, 11, 16), torch.randn(1, 2, 30, 16)
     err = (window_scores_ref(q[:, :, -5:], k, 0.25) - window_scores_triton(q[:, :, -5:], k, 0.25)).abs().max().item()
