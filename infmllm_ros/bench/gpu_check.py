@@ -292,6 +292,8 @@ def markdown(res: dict) -> str:
                   "|---|---|---|---|---|---|"]
         lines += [f"| {r['kv_heads']} | {r['layers']} | {r['end_chunk_ms']:.2f} | {r['ops']} | "
                   f"{r['time_ratio_to_4_layers']:.2f} | {r['ops_ratio_to_4_layers']:.2f} |" for r in rows]
+    if res.get("note"):
+        lines += ["", f"Note: {res['note']}"]
     return "\n".join(lines) + "\n"
 
 
