@@ -3,6 +3,7 @@ check can fail, and without CUDA the default run skips with a message (nothing w
 
 import json
 
+import pytest
 import torch
 
 from infmllm_ros.bench import gpu_check
@@ -32,6 +33,7 @@ def test_tiny_cpu_run_writes_every_part(tmp_path):
     assert md.count("| window_scores |") == 9 and "| 512 |" in md and "of the bound" in md
     assert "all within tolerance" in gpu_check.findings("g.json", res)[0]
     assert "| 8 | 32 |" in md and "32 layers / 4 layers" in gpu_check.findings("g.json", res)[-1]
+    assert "Note:" not in md and gpu_check.markdown({**res, "note": "ran on X"}).endswith("Note: ran on X\n")
 
 
 def test_kernel_check_catches_a_wrong_kernel(monkeypatch):
@@ -50,3 +52,14 @@ def test_skips_cleanly_without_cuda(tmp_path, monkeypatch, capsys):
     assert gpu_check.main(["--out", str(out)]) == 0
     assert "skipped, no CUDA device" in capsys.readouterr().out
     assert not out.exists()
+
+
+def test_triton_can_be_switched_off(monkeypatch):
+    """INFMLLM_ROS_TRITON=0: every dispatch keeps the torch reference (one switch for all three kernels)."""
+    from infmllm_ros.kernels import compact
+
+    pytest.importorskip("triton")
+    monkeypatch.delenv("INFMLLM_ROS_TRITON", raising=False)
+    assert compact.triton_ok()
+    monkeypatch.setenv("INFMLLM_ROS_TRITON", "0")
+    assert not compact.triton_ok()
