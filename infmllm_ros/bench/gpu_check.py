@@ -6,7 +6,10 @@
 2. stream: 1M tokens through a real-size random-weight text model (Qwen2.5-7B widths) on the bounded cache:
    tokens/s and torch.cuda.max_memory_allocated at 4K / 64K / 1M tokens (flat = bounded);
 3. decode: one decode step's time against (weight bytes + kept KV bytes) / measured HBM bandwidth;
-4. layer scaling: end_chunk time and aten op count at 4 / 16 / 32 layers (goal: 32 / 4 layers <= 2).
+4. layer scaling: end_chunk time and aten op count at 4 / 16 / 32 layers (goal: 32 / 4 layers <= 2);
+5. prefill breakdown: one chunk of a 4-layer model at the stream's widths, bounded saddle (whole-chunk window)
+   vs streaming_llm (no scores) vs plain transformers (SDPA + DynamicCache), and the window-score kernel alone
+   (dispatched vs torch reference): where a bounded prefill chunk's time goes.
 
 Writes a json (default docs/bench/gpu_check.json). Without CUDA it prints why and exits 0 having written nothing,
 unless `--device cpu` is asked for: `--tiny --device cpu` runs every part at toy size (the smoke test).
@@ -241,6 +244,67 @@ def run_stream(device, dtype, shapes, time_limit_s: float, log=print) -> dict:
                             step_over_bound=step / bound))  # fmt: skip
 
 
+def _timed(device, fn, reps: int) -> float:
+    fn()  # warm-up (Triton compiles, allocator)
+    sync(device)
+    t = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    sync(device)
+    return (time.perf_counter() - t) / reps
+
+
+def prefill_breakdown(device, dtype, shapes, reps: int = 3) -> dict:
+    """Milliseconds per prefill chunk of the same model three ways, and of the window-score kernel alone at the
+    shape that chunk scores (all heads, whole chunk as window, budget + chunk keys)."""
+    from transformers import DynamicCache
+
+    from infmllm_ros import kernels
+    from infmllm_ros.bench import policies
+    from infmllm_ros.cache import BoundedCache, CacheConfig
+
+    sh = dict(shapes, layers=min(4, shapes["layers"]))
+    model = random_text_model(sh, device, dtype)
+    chunk, budget, g = sh["chunk"], sh["budget"], torch.Generator(device).manual_seed(1)
+
+    def ids():
+        return torch.randint(0, sh["vocab"], (1, chunk), device=device, generator=g)
+
+    out = dict(layers=sh["layers"], chunk=chunk, budget=budget, reps=reps)
+    with torch.inference_mode():
+        policies.prepare(model)
+        for name, policy in (("saddle_ms", "saddle"), ("streaming_llm_ms", "streaming_llm")):
+            cfg = CacheConfig(policy=policy, budget=budget, recent=budget // 8, window=0, sinks=4, max_chunk=chunk,
+                              max_new_tokens=1)  # fmt: skip
+            cache = BoundedCache(cfg, model.config, device, dtype)
+            for _ in range(budget // chunk + 1):  # fill to the budget: every timed chunk evicts
+                forward(model, cache, ids(), prefill=True)
+            out[name] = 1e3 * _timed(device, lambda c=cache: forward(model, c, ids(), prefill=True), reps)
+        model.set_attn_implementation("sdpa")
+        past = budget  # plain transformers over the same context length: budget cached + one chunk
+
+        def plain():
+            dc = DynamicCache(config=model.config)
+            model(input_ids=torch.randint(0, sh["vocab"], (1, past), device=device, generator=g),
+                  cache=dc, use_cache=True, logits_to_keep=1)  # fmt: skip
+            sync(device)
+            t = time.perf_counter()
+            pos = torch.arange(past, past + chunk, device=device)[None]
+            model(input_ids=ids(), position_ids=pos, cache=dc, use_cache=True, logits_to_keep=1)
+            sync(device)
+            return time.perf_counter() - t
+
+        plain()
+        out["plain_sdpa_ms"] = 1e3 * sorted(plain() for _ in range(reps))[reps // 2]
+        q = torch.randn(1, sh["heads"], chunk, sh["head_dim"], device=device, generator=g).to(dtype)
+        k = torch.randn(1, sh["kv_heads"], budget + chunk, sh["head_dim"], device=device, generator=g).to(dtype)
+        scale = sh["head_dim"] ** -0.5
+        out["window_scores_ms"] = 1e3 * _timed(device, lambda: kernels.window_scores(q, k, scale), reps)
+        out["window_scores_ref_ms"] = 1e3 * _timed(device, lambda: kernels.window_scores_ref(q, k, scale), reps)
+    out["saddle_over_plain"] = out["saddle_ms"] / out["plain_sdpa_ms"]
+    return out
+
+
 # ------------------------------------------------------------------------------------------------------ report
 
 
@@ -292,6 +356,13 @@ def markdown(res: dict) -> str:
                   "|---|---|---|---|---|---|"]
         lines += [f"| {r['kv_heads']} | {r['layers']} | {r['end_chunk_ms']:.2f} | {r['ops']} | "
                   f"{r['time_ratio_to_4_layers']:.2f} | {r['ops_ratio_to_4_layers']:.2f} |" for r in rows]
+    p = res.get("prefill")
+    if p:
+        lines += ["", f"Prefill breakdown ({p['layers']} layers at the stream's widths, chunk {p['chunk']}, budget "
+                  f"{p['budget']}): bounded saddle {p['saddle_ms']:.1f} ms, streaming_llm (no scores) "
+                  f"{p['streaming_llm_ms']:.1f} ms, plain transformers SDPA {p['plain_sdpa_ms']:.1f} ms per chunk "
+                  f"(saddle x{p['saddle_over_plain']:.2f} of plain); window scores alone {p['window_scores_ms']:.2f} "
+                  f"ms per layer (torch reference {p['window_scores_ref_ms']:.2f} ms)."]
     if res.get("note"):
         lines += ["", f"Note: {res['note']}"]
     return "\n".join(lines) + "\n"
@@ -340,6 +411,7 @@ def parse(argv):
     p.add_argument("--stream-time-limit", type=float, default=300.0, help="stop the stream after this many s")
     p.add_argument("--skip-stream", action="store_true")
     p.add_argument("--skip-layer-scaling", action="store_true")
+    p.add_argument("--skip-prefill", action="store_true")
     p.add_argument("--out", default=str(common.DEFAULT_OUT / "gpu_check.json"))
     return p.parse_args(argv)
 
@@ -367,6 +439,9 @@ def main(argv=None) -> int:
     res["kernels"] = check_kernels(device, shapes)
     for r in res["kernels"]:
         print(f"  {r['kernel']} {r['impl']} {r['dtype']}: max err {r['max_abs_err']:.2e} ok={r['ok']}")
+    if not a.skip_prefill:  # quick, before the stream: where a chunk's time goes
+        res["prefill"] = prefill_breakdown(device, dtype, shapes)
+        print(f"  prefill: {res['prefill']}")
     if not a.skip_stream:
         res["stream"] = run_stream(device, dtype, shapes, a.stream_time_limit)
         d = res["stream"]["decode"]

@@ -33,6 +33,10 @@ def test_tiny_cpu_run_writes_every_part(tmp_path):
     assert md.count("| window_scores |") == 9 and "| 512 |" in md and "of the bound" in md
     assert "all within tolerance" in gpu_check.findings("g.json", res)[0]
     assert "| 8 | 32 |" in md and "32 layers / 4 layers" in gpu_check.findings("g.json", res)[-1]
+    pre = res["prefill"]  # where a bounded prefill chunk's time goes, three ways on one model
+    assert pre["layers"] == 2 and all(pre[k] > 0 for k in ("saddle_ms", "streaming_llm_ms", "plain_sdpa_ms",
+                                                           "window_scores_ms", "window_scores_ref_ms"))
+    assert pre["saddle_over_plain"] == pre["saddle_ms"] / pre["plain_sdpa_ms"] and "Prefill breakdown" in md
     assert "Note:" not in md and gpu_check.markdown({**res, "note": "ran on X"}).endswith("Note: ran on X\n")
 
 
