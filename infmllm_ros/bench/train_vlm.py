@@ -97,9 +97,6 @@ class TrainConfig:
     log_every: int = 20
     init: str | None = None  # start from the weights of a saved model (same size and tokenizer) instead of fresh ones
     monitor_every: int = 0  # steps between held-out teacher-forced exact checks (0: none; a multiple of log_every)
-    cache_train: float = 0.0  # share of the multi-frame steps asked over the real bounded cache (train_cache.py)
-    cache_frames: tuple[int, int] = (24, 96)  # frames per cache-trained stream (drawn uniformly)
-    cache_recall: bool = False  # cache-trained questions also read their evidence frame recalled from the archive
 
 
 # ----------------------------------------------------------------------------------------------- model + processor
@@ -457,12 +454,6 @@ def train(cfg: TrainConfig, out: str | os.PathLike | None = None, log=print) -> 
     losses, aux_losses, ground_losses, history, step, tokens = [], [], [], [], 0, 0
     if cfg.ground_weight:
         model.set_attn_implementation("eager")  # the grounding loss reads the attention probabilities
-    streams = None
-    if cfg.cache_train:
-        from infmllm_ros.bench.train_cache import CacheStreams
-
-        streams = CacheStreams(model, proc, frames=tuple(cfg.cache_frames), recall=cfg.cache_recall)
-    cache_losses = []  # (answer loss, grounding loss) of each cache-trained step
     while True:
         elapsed = time.monotonic() - t0
         frac = elapsed / box if cfg.max_steps is None else step / cfg.max_steps if cfg.max_steps else 1.0
@@ -471,64 +462,51 @@ def train(cfg: TrainConfig, out: str | os.PathLike | None = None, log=print) -> 
         for g in opt.param_groups:
             g["lr"] = lr_at(frac, cfg.lr)
         seeing = frac < cfg.see_share
-        if streams is not None and not seeing and rng.random() < cfg.cache_train:
-            cache_loss = cache_step(model, streams, rng, enc, cfg, opt, params)
-            if cache_loss is None:
-                continue
-            cache_losses.append(cache_loss)
-        else:
-            n, samples = (1 if seeing else frames_for_step(rng, cfg)), []
-            while len(samples) < (cfg.see_batch if seeing else cfg.max_batch) and (len(samples) + 1) * max(
-                    [len(x.ids) for x in samples] + [0]) < cfg.tokens_per_batch:
-                samples.append(training_sample(rng, enc, cfg, n))
-            batch = collate(samples, enc, proc.tokenizer.pad_token_id, ground=bool(cfg.ground_weight))
-            tokens += batch["input_ids"].numel()
-            targets = batch.pop("patch_targets", None)
-            ground = batch.pop("ground", None)
-            grounding = bool(cfg.ground_weight and ground is not None)
-            result = model(**batch, output_attentions=grounding)
-            loss = result.loss
-            lm_loss = loss.item()
-            if cfg.aux_weight and targets is not None:
-                aux_loss = aux(features["x"], targets)
-                aux_losses.append(aux_loss.item())
-                loss = loss + cfg.aux_weight * aux_loss
-            if grounding:
-                ground_loss = grounding_loss(result.attentions, ground)
-                ground_losses.append(ground_loss.item())
-                loss = loss + cfg.ground_weight * ground_loss
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_([p for _, p in params], 1.0)
-            opt.step()
-            losses.append(lm_loss)
+        n, samples = (1 if seeing else frames_for_step(rng, cfg)), []
+        while len(samples) < (cfg.see_batch if seeing else cfg.max_batch) and (len(samples) + 1) * max(
+                [len(x.ids) for x in samples] + [0]) < cfg.tokens_per_batch:
+            samples.append(training_sample(rng, enc, cfg, n))
+        batch = collate(samples, enc, proc.tokenizer.pad_token_id, ground=bool(cfg.ground_weight))
+        tokens += batch["input_ids"].numel()
+        targets = batch.pop("patch_targets", None)
+        ground = batch.pop("ground", None)
+        grounding = bool(cfg.ground_weight and ground is not None)
+        result = model(**batch, output_attentions=grounding)
+        loss = result.loss
+        lm_loss = loss.item()
+        if cfg.aux_weight and targets is not None:
+            aux_loss = aux(features["x"], targets)
+            aux_losses.append(aux_loss.item())
+            loss = loss + cfg.aux_weight * aux_loss
+        if grounding:
+            ground_loss = grounding_loss(result.attentions, ground)
+            ground_losses.append(ground_loss.item())
+            loss = loss + cfg.ground_weight * ground_loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_([p for _, p in params], 1.0)
+        opt.step()
+        losses.append(lm_loss)
         step += 1
         if step % cfg.log_every == 0:
-            mean = float(np.mean(losses[-cfg.log_every:])) if losses else float("nan")
+            mean = float(np.mean(losses[-cfg.log_every:]))
             history.append({"step": step, "seconds": round(time.monotonic() - t0, 1), "loss": round(mean, 4),
                             "tokens": tokens})
             if aux_losses:
                 history[-1]["aux_loss"] = round(float(np.mean(aux_losses[-cfg.log_every:])), 4)
             if ground_losses:
                 history[-1]["ground_loss"] = round(float(np.mean(ground_losses[-cfg.log_every:])), 4)
-            if cache_losses:
-                lm_c, ground_c = np.mean(cache_losses[-cfg.log_every:], axis=0)
-                history[-1].update(cache_steps=len(cache_losses), cache_loss=round(float(lm_c), 4),
-                                   cache_ground_loss=round(float(ground_c), 4))
             if cfg.monitor_every and step % cfg.monitor_every == 0:
                 history[-1]["exact"] = teacher_forced_exact(model, enc, monitor)
             log(f"step {step:6d}  {history[-1]['seconds']:7.1f}s  loss {mean:.4f}  aux {history[-1].get('aux_loss')}"
                 f"  ground {history[-1].get('ground_loss')}"
-                + (f"  cache: {len(cache_losses)} steps, loss {history[-1].get('cache_loss')} ground "
-                   f"{history[-1].get('cache_ground_loss')}" if cache_losses else "") +
                 f"  lr {opt.param_groups[0]['lr']:.2e}"
                 f"  tokens {tokens}" + (f"  held-out exact {history[-1]['exact']}" if "exact" in history[-1] else ""))
     hook.remove()
     model.eval()
     if cfg.ground_weight:
         model.set_attn_implementation("sdpa")
-    record = {"steps": step, "cache_steps": len(cache_losses), "seconds": round(time.monotonic() - t0, 1),
-              "first_loss": losses[0] if losses else None,
+    record = {"steps": step, "seconds": round(time.monotonic() - t0, 1), "first_loss": losses[0] if losses else None,
               "last_loss": float(np.mean(losses[-cfg.log_every:])) if losses else None, "history": history,
               "config": asdict(cfg), "size": asdict(SIZES[cfg.size]),
               "parameters": sum(p.numel() for p in model.parameters()), "image_tokens_per_frame": image_tokens(model),
@@ -536,30 +514,6 @@ def train(cfg: TrainConfig, out: str | os.PathLike | None = None, log=print) -> 
     if out is not None:
         save(model, proc, out, record)
     return {"model": model, "processor": proc, **record}
-
-
-def cache_step(model, streams, rng, enc, cfg: TrainConfig, opt, params) -> tuple[float, float] | None:
-    """One step on the questions of one episode streamed through the real bounded cache (train_cache.py): the mean
-    of their answer losses + ground_weight x the mean of their grounding losses. Returns (answer loss, grounding
-    loss) means, None if no question was asked."""
-    from infmllm_ros.bench.train_cache import example_loss
-
-    streams.sync(model)
-    examples = streams.examples(rng, enc, TRAIN_SEED_BASE)
-    if not examples:
-        return None
-    opt.zero_grad(set_to_none=True)
-    lm_total, ground_total, grounded = 0.0, 0.0, 0
-    for ex in examples:
-        lm, ground = example_loss(model, ex, bool(cfg.ground_weight))
-        loss = lm + (cfg.ground_weight * ground if ground is not None else 0.0)
-        (loss / len(examples)).backward()
-        lm_total += lm.item()
-        if ground is not None:
-            ground_total, grounded = ground_total + ground.item(), grounded + 1
-    torch.nn.utils.clip_grad_norm_([p for _, p in params], 1.0)
-    opt.step()
-    return lm_total / len(examples), ground_total / max(grounded, 1)
 
 
 def save(model, proc, out: str | os.PathLike, record: dict | None = None) -> Path:
@@ -664,12 +618,6 @@ def main(argv=None) -> int:
     p.add_argument("--aux-weight", type=float, default=0.5, help="weight of the per-patch auxiliary loss (0: off)")
     p.add_argument("--ground-weight", type=float, default=0.0,
                    help="weight of the loss that grounds a question's attention in the frames it is about (0: off)")
-    p.add_argument("--cache-train", type=float, default=0.0,
-                   help="share of the multi-frame steps asked over the real bounded cache (0: off)")
-    p.add_argument("--cache-frames", type=int, nargs=2, default=(24, 96), metavar=("MIN", "MAX"),
-                   help="frames per stream of a cache-trained step")
-    p.add_argument("--cache-recall", action="store_true",
-                   help="cache-trained questions read their evidence frame recalled from the archive (issue 17)")
     p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps instead of the time box")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--log-every", type=int, default=20)
@@ -688,8 +636,7 @@ def main(argv=None) -> int:
         cfg = TrainConfig(minutes=a.minutes, size=a.size, tokens_per_batch=a.tokens_per_batch, lr=a.lr,
                           max_frames=a.max_frames, log_every=a.log_every, see_share=a.see_share,
                           see_questions=a.see_questions, max_questions=a.max_questions, aux_weight=a.aux_weight,
-                          ground_weight=a.ground_weight, cache_train=a.cache_train,
-                          cache_frames=tuple(a.cache_frames), cache_recall=a.cache_recall,
+                          ground_weight=a.ground_weight,
                           monitor_every=a.monitor_every, init=a.init,
                           seed=a.seed, threads=a.threads, max_steps=a.max_steps)
         res = train(cfg, a.out)
