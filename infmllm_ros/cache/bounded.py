@@ -120,6 +120,7 @@ class BoundedCache(Cache):
         self.decoded = 0  # tokens decoded since the last prefill
         self.turned = False  # some stored key's offset may be non-zero (set by a re-indexing eviction)
         self.forward_id = -1
+        self._slots_written = False  # this forward's new slots have their metadata (write_new_slots)
         self.prefill = False
         self._pending = None
 
@@ -164,6 +165,7 @@ class BoundedCache(Cache):
         self.chunks += int(prefill)
         self.prefill = prefill
         self.forward_id += 1
+        self._slots_written = False
         self._pending = pos
         self.next_position = max(self.next_position, int(pos.max()) + 1)
 
@@ -176,6 +178,21 @@ class BoundedCache(Cache):
             )
         layer.forward_id = self.forward_id
         return self._pending
+
+    def write_new_slots(self, s: int, q: int, seen: int, pos: torch.Tensor) -> None:
+        """Metadata of this forward's q new slots [s, s + q), for every layer at once (all layers hold the same count
+        and see the same tokens): the first layer's update writes it, the others find it done. Six writes per
+        forward instead of six per layer: on a GPU a decode step is launch-bound."""
+        if self._slots_written:
+            return
+        n = s + q
+        self.pos[:, :, s:n] = pos.T.to(self.pos.device)
+        self.offset[:, :, s:n] = 0
+        self.index[:, :, s:n] = seen + self.arange[:q]
+        self.chunk[:, :, s:n] = self.chunks
+        self.window[:, :, s:n] = 0
+        self.accumulated[:, :, s:n] = 0
+        self._slots_written = True
 
     def after_attention(self, layer_idx: int, query: torch.Tensor, key: torch.Tensor, scaling: float) -> None:
         """Called by the attention function: hand this layer the scores its policy needs."""

@@ -64,12 +64,7 @@ class BoundedLayer(CacheLayerMixin):
         if self.copies:
             self.read_keys[:, :, s:n] = key_states  # offset 0: read as the model rotated it
         self.values[:, :, s:n] = value_states
-        self.pos[:, s:n] = pos.T.to(self.pos.device)
-        self.offset[:, s:n] = 0
-        self.index[:, s:n] = self.seen + self.owner.arange[:q]
-        self.chunk[:, s:n] = self.owner.chunks
-        self.window[:, s:n] = 0
-        self.accumulated[:, s:n] = 0
+        self.owner.write_new_slots(s, q, self.seen, pos)  # every layer's metadata, once per forward
         self.stored, self.seen = n, self.seen + q
         if not self.copies and self.owner.turned:  # some stored key sits away from where the model rotated it
             return self._turned(n)[None], self.values[:, :, :n]  # rotate-on-read
