@@ -252,6 +252,7 @@ def markdown(res: dict) -> str:
                          round(e["bytes_read_mean"] / 1024, 1) if e["recall_frames"] else "",
                          round(e["archive_bytes"] / 2**20, 3) if e["recall_frames"] else "", e["seconds"]])
         lines.append(common.md_table(header, rows))
+        lines += by_template(run)
         t = run.get("target")
         if t:
             full = f", full {100 * t['full']:.0f} %" if t["full"] is not None else ""
@@ -260,6 +261,24 @@ def markdown(res: dict) -> str:
                          f"streaming_llm@gpu {100 * t['streaming_llm_gpu']:.0f} % ({t['delta_points']:+.1f} points)"
                          f"{full}: **{'met' if t['met'] else 'not met'}**.\n")
     return "\n".join(lines)
+
+
+def by_template(run: dict) -> list[str]:
+    """Past questions beyond the window, per question template and arm (from the per-question rows, when the json
+    keeps them). `after` asks what appeared after the named object: its answer is in a later frame than the named
+    object's (the evidence frame that the ranking looks for and [oracle] recalls)."""
+    cells = defaultdict(list)
+    for r in run.get("records") or []:
+        if r["kind"] == "past" and r["distance"] is not None and r["distance"] > run["window_frames"]:
+            cells[(r["policy"], r["template"])].append(r["correct"])
+    if not cells:
+        return []
+    arms, templates = list(dict.fromkeys(a for a, _ in cells)), sorted({t for _, t in cells})
+    rows = [[a] + [f"{100 * sum(v) / len(v):.0f} % ({len(v)})" if (v := cells.get((a, t))) else "" for t in templates]
+            for a in arms]
+    return [f"\nPast questions beyond {run['window_frames']} frames by template (`after`: the answer is in a later "
+            "frame than the named object's, which is the frame the ranking and [oracle] look for):\n",
+            common.md_table(["arm"] + templates, rows)]
 
 
 def plot(res: dict, path: Path) -> None:

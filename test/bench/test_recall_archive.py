@@ -50,3 +50,19 @@ def test_report_renders_it(tiny_run):
     text = page.read_text()
     assert "Long-term memory: frame archive + recall" in text and "saddle[linear,2]+archive" in text
     assert (out / "recall_archive.png").is_file()
+
+
+def test_by_template_counts_past_questions_beyond_the_window():
+    def row(policy, template, distance, correct, kind="past"):
+        return dict(policy=policy, template=template, distance=distance, correct=correct, kind=kind)
+
+    run = {"window_frames": 4, "records": [
+        row("full", "after", 9, True), row("full", "after", 5, False), row("full", "after", 4, True),  # 4: inside
+        row("full", "where_past", 30, False), row("full", "goto", 0, True, kind="action"),
+        row("saddle+archive", "after", 12, False), row("saddle+archive", "where_past", 7, True)]}  # fmt: skip
+    lines = recall_archive.by_template(run)
+    table = lines[1].splitlines()
+    assert table[0].replace(" ", "") == "|arm|after|where_past|"
+    assert table[2].replace(" ", "") == "|full|50%(2)|0%(1)|"
+    assert table[3].replace(" ", "") == "|saddle+archive|0%(1)|100%(1)|"
+    assert recall_archive.by_template({"window_frames": 4}) == []  # a json without per-question rows
