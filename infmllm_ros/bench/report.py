@@ -19,7 +19,7 @@ from infmllm_ros.bench import (
     common,
     cost,
     evidence,
-    gpu_check,
+    gpu_check_view,
     metrics,
     read_cost,
     real_size_view,
@@ -33,7 +33,7 @@ from infmllm_ros.bench import (
 RENDERERS = {"train_lm": train_lm, "text_ppl": text_ppl, "cost": cost, "cache_cost": cache_cost_view,
              "cache_layer_scaling": cache_scaling_view, "read_cost": read_cost, "recall": recall,
              "recall_archive": recall_archive, "evidence": evidence, "window_compare": window_compare,
-             "real_size": real_size_view, "actions": actions, "gpu_check": gpu_check}
+             "real_size": real_size_view, "actions": actions, "gpu_check": gpu_check_view}
 ORDER = ["train_lm", "text_ppl", "cost", "cache_cost", "cache_layer_scaling", "read_cost", "recall", "recall_archive",
          "evidence", "window_compare", "real_size", "actions", "gpu_check"]
 TITLES = {"train_lm": "Model", "text_ppl": "Quality", "cost": "Cost", "cache_cost": "Cache cost",

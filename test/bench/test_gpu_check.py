@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from infmllm_ros.bench import gpu_check
+from infmllm_ros.bench import gpu_check, gpu_check_view
 
 
 def test_tiny_cpu_run_writes_every_part(tmp_path):
@@ -29,15 +29,15 @@ def test_tiny_cpu_run_writes_every_part(tmp_path):
     ls = res["layer_scaling"]  # issue 12 item 5 on the GPU: end_chunk at 4 / 16 / 32 layers
     assert sorted({(r["kv_heads"], r["layers"]) for r in ls}) == [(k, n) for k in (2, 8) for n in (4, 16, 32)]
     assert all(r["end_chunk_ms"] > 0 and r["ops"] > 0 and r["stored"] == 32 for r in ls)
-    md = gpu_check.markdown(res)  # what docs/BENCHMARKS.md will show once the GPU run's json is in docs/bench
+    md = gpu_check_view.markdown(res)  # what docs/BENCHMARKS.md will show once the GPU run's json is in docs/bench
     assert md.count("| window_scores |") == 9 and "| 512 |" in md and "of the bound" in md
-    assert "all within tolerance" in gpu_check.findings("g.json", res)[0]
-    assert "| 8 | 32 |" in md and "32 layers / 4 layers" in gpu_check.findings("g.json", res)[-1]
+    assert "all within tolerance" in gpu_check_view.findings("g.json", res)[0]
+    assert "| 8 | 32 |" in md and "32 layers / 4 layers" in gpu_check_view.findings("g.json", res)[-1]
     pre = res["prefill"]  # where a bounded prefill chunk's time goes, three ways on one model
     assert pre["layers"] == 2 and all(pre[k] > 0 for k in ("saddle_ms", "streaming_llm_ms", "plain_sdpa_ms",
                                                            "window_scores_ms", "window_scores_ref_ms"))
     assert pre["saddle_over_plain"] == pre["saddle_ms"] / pre["plain_sdpa_ms"] and "Prefill breakdown" in md
-    assert "Note:" not in md and gpu_check.markdown({**res, "note": "ran on X"}).endswith("Note: ran on X\n")
+    assert "Note:" not in md and gpu_check_view.markdown({**res, "note": "ran on X"}).endswith("Note: ran on X\n")
 
 
 def test_kernel_check_catches_a_wrong_kernel(monkeypatch):
