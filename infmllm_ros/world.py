@@ -119,6 +119,8 @@ class Event:
     answer: str
     distance: int | None  # frames between the evidence about the named object and the question
     seen_frame: int | None = None
+    # the frame that shows the answer: seen_frame, except for "after" (the later frame where the next thing appeared)
+    answer_frame: int | None = None
 
 
 @dataclass
@@ -457,11 +459,11 @@ def _q_after(h: _History, rng):
         j = later[0][0]
         if len(frames_of[j]) > 1 or any(p.name == o.name for jj, p in apps if jj > i):
             continue  # two things appeared at once, or o appeared again later: ambiguous
-        cands.append((i, o, later[0][1]))
+        cands.append((i, o, later[0][1], j))
     if not cands:
         return None
-    i, o, nxt = cands[int(rng.integers(len(cands)))]
-    return f"what appeared after the {o.name}?", article(nxt.name), i
+    i, o, nxt, j = cands[int(rng.integers(len(cands)))]
+    return f"what appeared after the {o.name}?", article(nxt.name), i, j
 
 
 def _goto(h: _History, rng):
@@ -501,9 +503,10 @@ def ask(frames: list[Frame], now: int, kind: str, rng: np.random.Generator) -> E
     for name in names:
         got = TEMPLATES[kind][name](h, rng)
         if got is not None:
-            question, answer, seen = got
+            question, answer, seen, *shown = got  # after: + the frame showing the answer
             return Event(frame=now, t=frames[now].t, kind=kind, template=name.rstrip("_"), question=question,
-                         answer=answer, distance=None if seen is None else now - seen, seen_frame=seen)
+                         answer=answer, distance=None if seen is None else now - seen, seen_frame=seen,
+                         answer_frame=shown[0] if shown else seen)
     return None
 
 

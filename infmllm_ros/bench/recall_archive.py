@@ -84,14 +84,16 @@ def arms(budget: int, recall_slots: int, frame_tokens: int, saddle: str, k: int,
 
 
 def oracle_choice(recall_state, asked: dict):
-    """A ranking that knows the answer: the frame the question's evidence is in (if archived and not held), else
-    nothing. The ceiling of any ranking: how much a recalled evidence frame helps the model answer."""
+    """A ranking that knows the answer: the frames the answer rests on, the one showing the answer first (for "after"
+    the later frame where the next thing appeared), then the named object's, those archived and not held, at most
+    recall_frames. The ceiling of any ranking: how much recalled evidence helps the model answer."""
     def choose(cache, queries, query_positions):
-        stamp = asked.get("stamp")
-        ids = [f for f, e in recall_state.archive.frames.items() if e.stamp == stamp]
-        if stamp is None or not ids:
+        frames = recall_state.archive.frames
+        ids = [f for stamp in asked.get("stamps", ()) for f, e in frames.items() if e.stamp == stamp]
+        if not ids:
             return []
-        return ids if float(recall_state.held_fraction(cache, ids)[0]) < HELD_FRACTION else []
+        held = recall_state.held_fraction(cache, ids)
+        return [f for f, h in zip(ids, held.tolist(), strict=True) if h < HELD_FRACTION][:recall_state.recall_frames]
     return choose
 
 
@@ -106,8 +108,9 @@ def stream(session, ep: world.Episode, name: str, max_new_tokens: int, asked: di
     for f in ep.frames[:last + 1]:
         session.observe(f.rgb, recall.STAMP0 + f.t)
         for e in by_frame[f.index]:
-            if asked is not None:  # the oracle arm's ranking reads the evidence frame's stamp
-                asked["stamp"] = recall.STAMP0 + ep.frames[e.seen_frame].t if e.seen_frame is not None else None
+            if asked is not None:  # the oracle arm's ranking reads the evidence frames' stamps
+                shown = dict.fromkeys(f for f in (e.answer_frame, e.seen_frame) if f is not None)
+                asked["stamps"] = [recall.STAMP0 + ep.frames[f].t for f in shown]
             a = session.ask(e.question, max_new_tokens=max_new_tokens, temperature=0.0)
             st = session.stats()
             rec = (st.get("recall") or {})
@@ -227,7 +230,8 @@ def markdown(res: dict) -> str:
              "`@gpu` rows and `simplestream` get budget + the reserved recall slots: the same K/V bytes as "
              "saddle+archive. simplestream re-prefills its last frames for every question (fresh context). "
              "`+archive` places recalled frames before the held tokens (default), `[question]` right before the "
-             "question, `[oracle]` recalls the question's evidence frame (a ranking that knows the answer). "
+             "question, `[oracle]` recalls the frames the answer rests on (a ranking that knows the answer: the frame "
+             "showing the answer, for `after` the later one, then the named object's). "
              "'evidence frame recalled': past questions beyond the window whose evidence frame was recalled.\n"]
     if res.get("note"):
         lines.append(f"Note: {res['note']}\n")
@@ -266,7 +270,7 @@ def markdown(res: dict) -> str:
 def by_template(run: dict) -> list[str]:
     """Past questions beyond the window, per question template and arm (from the per-question rows, when the json
     keeps them). `after` asks what appeared after the named object: its answer is in a later frame than the named
-    object's (the evidence frame that the ranking looks for and [oracle] recalls)."""
+    object's, which is the frame the ranking looks for ([oracle] recalls the answer's frame first)."""
     cells = defaultdict(list)
     for r in run.get("records") or []:
         if r["kind"] == "past" and r["distance"] is not None and r["distance"] > run["window_frames"]:
@@ -277,7 +281,7 @@ def by_template(run: dict) -> list[str]:
     rows = [[a] + [f"{100 * sum(v) / len(v):.0f} % ({len(v)})" if (v := cells.get((a, t))) else "" for t in templates]
             for a in arms]
     return [f"\nPast questions beyond {run['window_frames']} frames by template (`after`: the answer is in a later "
-            "frame than the named object's, which is the frame the ranking and [oracle] look for):\n",
+            "frame than the named object's, which is the frame the ranking looks for):\n",
             common.md_table(["arm"] + templates, rows)]
 
 
@@ -301,8 +305,9 @@ def findings(name: str, res: dict) -> list[str]:
         for arm, e in run["policies"].items():
             if arm.endswith("[oracle]") and "skipped" not in e:
                 hit, beyond = e.get("hit_rate") or {}, e["past_beyond_window"]
-                out.append(f"`{name}`, {run['frames']} frames: {arm} (recalls the evidence frame itself, "
-                           f"{hit.get('hits', 0)}/{hit.get('n', 0)} past questions beyond the window): "
+                out.append(f"`{name}`, {run['frames']} frames: {arm} (recalls the frames the answer rests on; "
+                           f"the named object's in {hit.get('hits', 0)}/{hit.get('n', 0)} past questions beyond the "
+                           "window): "
                            f"{100 * beyond['accuracy']:.0f} % on them (n={beyond['n']}),"
                            f" {100 * e['overall']['accuracy']:.0f} % on all: the ceiling of the frame ranking.")
         t = run.get("target")
@@ -329,7 +334,8 @@ def parse(argv):
     p.add_argument("--archive-mb", type=float, default=256.0)
     p.add_argument("--saddle", default=DEFAULT_SADDLE, help="saddle bias:strength")
     p.add_argument("--arms", nargs="*", default=None, help="only these arms (names as in the table)")
-    p.add_argument("--oracle", action="store_true", help="add saddle+archive[oracle]: recall the evidence frame")
+    p.add_argument("--oracle", action="store_true",
+                   help="add saddle+archive[oracle]: recall the frames the answer rests on")
     p.add_argument("--max-new-tokens", type=int, default=40)
     p.add_argument("--max-chunk", type=int, default=256)
     p.add_argument("--full-max", type=int, default=32768)

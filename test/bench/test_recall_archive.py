@@ -66,3 +66,22 @@ def test_by_template_counts_past_questions_beyond_the_window():
     assert table[2].replace(" ", "") == "|full|50%(2)|0%(1)|"
     assert table[3].replace(" ", "") == "|saddle+archive|0%(1)|100%(1)|"
     assert recall_archive.by_template({"window_frames": 4}) == []  # a json without per-question rows
+
+
+def test_oracle_recalls_the_answer_frame_first_and_never_a_held_one():
+    from types import SimpleNamespace
+
+    frames = {f: SimpleNamespace(stamp=100.0 + f) for f in range(6)}
+    held = {2: 1.0}  # frame 2 is still in the cache
+
+    def held_fraction(cache, ids):
+        return torch.tensor([held.get(i, 0.0) for i in ids])
+
+    def state(k):
+        return SimpleNamespace(archive=SimpleNamespace(frames=frames), recall_frames=k, held_fraction=held_fraction)
+
+    after = {"stamps": [104.0, 101.0]}  # an "after" question: answer shown in frame 4, named object in frame 1
+    assert recall_archive.oracle_choice(state(1), after)(None, None, None) == [4]
+    assert recall_archive.oracle_choice(state(2), after)(None, None, None) == [4, 1]
+    assert recall_archive.oracle_choice(state(2), {"stamps": [102.0]})(None, None, None) == []  # held: not recalled
+    assert recall_archive.oracle_choice(state(1), {"stamps": []})(None, None, None) == []

@@ -142,6 +142,23 @@ def test_count_answers_match_views(episodes):
                 assert world.NUMBERS.index(e.answer) == len(frame.seen()) == len(frame.objects)
 
 
+def test_after_answers_point_at_the_frame_showing_them(episodes):
+    n = 0
+    for ep in episodes:
+        for e in ep.events:
+            if e.template != "after":
+                assert e.answer_frame == e.seen_frame
+                continue
+            name = e.question[len("what appeared after the "):-1]
+            i, j = e.seen_frame, e.answer_frame
+            assert i < j <= e.frame
+            assert name in {o.name for o in ep.frames[i].seen()}
+            (new,) = [o for o in ep.frames[j].seen() if o.id not in {p.id for p in ep.frames[j - 1].seen()}]
+            assert world.article(new.name) == e.answer  # appeared in frame j, the first new thing since frame i
+            n += 1
+    assert n >= 5
+
+
 def test_past_answers_point_at_their_evidence(episodes):
     n = 0
     for ep in episodes:
@@ -196,9 +213,9 @@ def test_distances_on_constructed_stream():
         ev_distance = 7 - seen
         assert (a, ev_distance) == (("on the left", 5) if "red ball" in q else ("on the right", 2))
     assert _run("past", "colour_past", 3, 0) == ("what colour was the ball you saw?", "red", 2)
-    q, a, seen = _run("past", "after", 7)
-    assert (q, a, seen) in [("what appeared after the red ball?", "a blue cube", 0),
-                            ("what appeared after the blue cube?", "a yellow cone", 4)]
+    got = _run("past", "after", 7)  # + the frame that shows the answer: where the next thing appeared
+    assert got in [("what appeared after the red ball?", "a blue cube", 0, 4),
+                   ("what appeared after the blue cube?", "a yellow cone", 4, 6)]
     assert _run("current", "in_front", 7) == ("what is in front of you?", "a yellow cone", 7)
     assert _run("current", "where_now", 5) == ("where is the blue cube?", "on the right", 5)
     assert _run("current", "count", 3) == ("how many objects do you see?", "none", 3)
