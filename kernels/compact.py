@@ -8,9 +8,9 @@ turned: they stay rotated at the position the model gave them, and are turned to
 
 from __future__ import annotations
 
-import os
-
 import torch
+
+from .dispatch import triton_ok
 
 
 def compact_ref(k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor) -> None:
@@ -28,14 +28,3 @@ def compact_(k, v, keep) -> None:
 
         return compact_triton(k, v, keep)
     return compact_ref(k, v, keep)
-
-
-def triton_ok() -> bool:
-    """Triton is used on CUDA unless INFMLLM_ROS_TRITON=0 (a robot whose Triton build fails keeps the torch path)."""
-    if os.environ.get("INFMLLM_ROS_TRITON", "1") == "0":
-        return False
-    try:
-        import triton  # noqa: F401
-    except ImportError:  # a CUDA install without Triton falls back to the reference
-        return False
-    return True

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from .compact import triton_ok
+from .dispatch import triton_ok
 
 
 def delta_per_freq(k: torch.Tensor, delta: torch.Tensor, freq_rows, f: int) -> torch.Tensor:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from .compact import triton_ok
+from .dispatch import triton_ok
 
 SCORE_ELEMENTS = 1 << 22  # fp32 elements of one block of logits (16 MiB): the peak temporary of the reference
 MIN_BLOCK = 64

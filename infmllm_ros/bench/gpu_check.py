@@ -65,7 +65,7 @@ def rotate_fp64(x, delta, inv_freq):
 
 def check_kernels(device, shapes, dtypes=DTYPES) -> list[dict]:
     from infmllm_ros.kernels import window_scores, window_scores_ref
-    from infmllm_ros.kernels.compact import triton_ok
+    from infmllm_ros.kernels.dispatch import triton_ok
 
     impl = "triton" if device.type == "cuda" and triton_ok() else "torch"
     hq, hkv, d, n = shapes["heads"], shapes["kv_heads"], shapes["head_dim"], shapes["stored"]

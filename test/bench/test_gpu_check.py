@@ -60,10 +60,10 @@ def test_skips_cleanly_without_cuda(tmp_path, monkeypatch, capsys):
 
 def test_triton_can_be_switched_off(monkeypatch):
     """INFMLLM_ROS_TRITON=0: every dispatch keeps the torch reference (one switch for all three kernels)."""
-    from infmllm_ros.kernels import compact
+    from infmllm_ros.kernels import dispatch
 
     pytest.importorskip("triton")
     monkeypatch.delenv("INFMLLM_ROS_TRITON", raising=False)
-    assert compact.triton_ok()
+    assert dispatch.triton_ok()
     monkeypatch.setenv("INFMLLM_ROS_TRITON", "0")
-    assert not compact.triton_ok()
+    assert not dispatch.triton_ok()
